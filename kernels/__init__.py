@@ -1,0 +1,1 @@
+"""Pure torch (and triton) math of the pack; never imports ComfyUI."""

@@ -1,0 +1,138 @@
+"""First Block Cache: the per-run decision and residual store, in plain torch.
+
+Each model evaluation runs the first transformer block. When its residual (output minus input)
+moved little since the last fully computed evaluation, the remaining blocks are skipped and their
+cached residual is added instead. Rows of a batch belong to different conditionings (cond/uncond
+batched together, or evaluated in separate calls), so residuals are stored per conditioning key;
+the reuse decision is taken once per sampling step and shared by every call of that step.
+"""
+from dataclasses import dataclass
+from typing import Callable, Hashable, Optional, Sequence
+
+import torch
+
+ReduceSums = Callable[[torch.Tensor], torch.Tensor]
+
+
+def absolute_difference_sums(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """[sum |current - previous|, sum |previous|] in float32, ready to be summed across ranks."""
+    current = current.float()
+    previous = previous.float()
+    return torch.stack(((current - previous).abs().sum(), previous.abs().sum()))
+
+
+def relative_l1_distance(sums: torch.Tensor) -> float:
+    """Relative mean absolute difference from `absolute_difference_sums` (inf when the reference is 0)."""
+    difference, reference = sums.tolist()
+    if reference == 0.0:
+        return 0.0 if difference == 0.0 else float("inf")
+    return difference / reference
+
+
+@dataclass
+class CacheStats:
+    computed_steps: int = 0
+    reused_steps: int = 0
+
+    def summary(self) -> str:
+        total = self.computed_steps + self.reused_steps
+        return f"computed {self.computed_steps}/{total} steps, reused {self.reused_steps}/{total}"
+
+
+class RowStore:
+    """Tensors stored per conditioning key: batch row chunk i of a call belongs to keys[i]."""
+
+    def __init__(self):
+        self._rows: dict[Hashable, torch.Tensor] = {}
+
+    def put(self, keys: Sequence[Hashable], batch: torch.Tensor) -> None:
+        for key, rows in zip(keys, batch.chunk(len(keys))):
+            self._rows[key] = rows
+
+    def has(self, keys: Sequence[Hashable], like: Optional[torch.Tensor] = None) -> bool:
+        """Whether every key holds rows, shaped like this call's rows when `like` is given."""
+        if like is None:
+            return all(key in self._rows for key in keys)
+        row_shape = (like.shape[0] // len(keys),) + tuple(like.shape[1:])
+        return all(key in self._rows and tuple(self._rows[key].shape) == row_shape for key in keys)
+
+    def get(self, keys: Sequence[Hashable]) -> torch.Tensor:
+        return torch.cat([self._rows[key] for key in keys])
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+
+class FirstBlockCache:
+    """State of one sampling run: reference residuals, cached remainders, the step's decision.
+
+    `reduce_sums` sums a small tensor across ranks when tokens are sharded (context parallel), so
+    every rank computes the same distance and takes the same decision.
+    """
+
+    def __init__(self, residual_diff_threshold: float, max_consecutive_hits: int = 0,
+                 reduce_sums: Optional[ReduceSums] = None):
+        self.residual_diff_threshold = residual_diff_threshold
+        self.max_consecutive_hits = max_consecutive_hits
+        self.reduce_sums = reduce_sums
+        self.stats = CacheStats()
+        self.distances: list[float] = []
+        self._first_residuals = RowStore()
+        self._remaining_residuals = RowStore()
+        self._consecutive_hits = 0
+        self._last_sigma: Optional[float] = None
+        self._reuse_allowed = False
+        self._step_decision: Optional[bool] = None
+
+    def start_step(self, sigma: float, reuse_allowed: bool) -> None:
+        """Called once per model evaluation, before any call of that evaluation runs a block."""
+        if self._last_sigma is not None and sigma > self._last_sigma:
+            # The schedule restarted (a new pass of noise): residuals of the old pass do not apply.
+            self.reset_residuals()
+        self._last_sigma = sigma
+        self._reuse_allowed = reuse_allowed
+        self._step_decision = None
+
+    def reset_residuals(self) -> None:
+        self._first_residuals.clear()
+        self._remaining_residuals.clear()
+        self._consecutive_hits = 0
+
+    def should_reuse(self, keys: Sequence[Hashable], first_residual: torch.Tensor) -> bool:
+        """Decides, for this call, whether the remaining blocks are skipped.
+
+        The first call of a step decides for the whole step; later calls (uncond after cond, when
+        ComfyUI evaluates them separately) follow it when their own residuals are cached.
+        """
+        if self._step_decision is None:
+            self._step_decision = self._decide(keys, first_residual)
+            if self._step_decision:
+                self.stats.reused_steps += 1
+                self._consecutive_hits += 1
+            else:
+                self.stats.computed_steps += 1
+                self._consecutive_hits = 0
+        return self._step_decision and self._remaining_residuals.has(keys)
+
+    def _decide(self, keys: Sequence[Hashable], first_residual: torch.Tensor) -> bool:
+        if not self._reuse_allowed or self.residual_diff_threshold <= 0.0:
+            return False
+        if 0 < self.max_consecutive_hits <= self._consecutive_hits:
+            return False
+        if not (self._first_residuals.has(keys, first_residual) and self._remaining_residuals.has(keys)):
+            return False
+        sums = absolute_difference_sums(first_residual, self._first_residuals.get(keys))
+        if self.reduce_sums is not None:
+            sums = self.reduce_sums(sums)
+        distance = relative_l1_distance(sums)
+        self.distances.append(distance)
+        return distance < self.residual_diff_threshold
+
+    def store_first_residual(self, keys: Sequence[Hashable], first_residual: torch.Tensor) -> None:
+        self._first_residuals.put(keys, first_residual)
+
+    def store_remaining_residual(self, keys: Sequence[Hashable], remaining_residual: torch.Tensor) -> None:
+        self._remaining_residuals.put(keys, remaining_residual)
+
+    def remaining_residual(self, keys: Sequence[Hashable]) -> torch.Tensor:
+        return self._remaining_residuals.get(keys)

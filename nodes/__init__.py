@@ -1,0 +1,1 @@
+"""ComfyUI glue: one module per capability, each ending with its ComfyExtension."""

@@ -1,0 +1,25 @@
+"""What the pack knows about ComfyUI's FLUX diffusion model, in one place.
+
+ComfyUI's `comfy.ldm.flux.model.Flux.forward_orig` calls `patches_replace["dit"]` entries named
+("double_block", i) with {"img", "txt", "vec", "pe", ...} and ("single_block", i) with
+{"img", "vec", "pe", ...}, where the single-stream "img" is the text tokens followed by the image
+tokens. A second model family gets its own module like this one.
+"""
+import comfy.ldm.flux.model
+
+SUPPORTED_MODELS = "FLUX.1-dev, FLUX.1-schnell, FLUX.2 and other models of ComfyUI's Flux class"
+
+
+def flux_diffusion_model(model_patcher, node_name):
+    """The patcher's FLUX diffusion model, or a ValueError that says what the node supports."""
+    diffusion_model = model_patcher.get_model_object("diffusion_model")
+    if type(diffusion_model) is not comfy.ldm.flux.model.Flux:
+        raise ValueError(
+            f"{node_name} supports {SUPPORTED_MODELS}; this MODEL's diffusion model is "
+            f"{type(diffusion_model).__name__}. Connect a FLUX model loaded with Load Diffusion Model.")
+    return diffusion_model
+
+
+def block_counts(diffusion_model):
+    """(number of double-stream blocks, number of single-stream blocks)."""
+    return len(diffusion_model.double_blocks), len(diffusion_model.single_blocks)

