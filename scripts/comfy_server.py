@@ -1,7 +1,9 @@
 """Starts the real ComfyUI server of the host and drives it over its HTTP API (/prompt, /history)."""
+import asyncio
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -9,6 +11,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+
+
+TEXT_EVENT = 3  # ComfyUI's protocol.BinaryEventTypes.TEXT: text shown on a node in the graph editor
 
 
 def free_port():
@@ -117,3 +122,30 @@ class ComfyServer:
 
     def run(self, workflow, timeout=600):
         return self.wait(self.queue(workflow), timeout)
+
+    def run_showing_node_texts(self, workflow, timeout=600):
+        """Runs the workflow while listening on the websocket as the graph editor does.
+
+        Returns the /history entry and {node id: [texts the server showed on that node]}.
+        """
+        return asyncio.run(asyncio.wait_for(self._run_showing_node_texts(workflow), timeout))
+
+    async def _run_showing_node_texts(self, workflow):
+        import aiohttp
+
+        texts = {}
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}") as socket:
+                prompt_id = await asyncio.to_thread(self.queue, workflow)
+                async for message in socket:
+                    if message.type == aiohttp.WSMsgType.BINARY:
+                        event, node_id_length = struct.unpack(">II", message.data[:8])
+                        if event == TEXT_EVENT:
+                            node_id = message.data[8:8 + node_id_length].decode()
+                            texts.setdefault(node_id, []).append(message.data[8 + node_id_length:].decode())
+                    elif message.type == aiohttp.WSMsgType.TEXT:
+                        event = json.loads(message.data)
+                        if event["type"] == "executing" and event["data"]["node"] is None \
+                                and event["data"].get("prompt_id") == prompt_id:
+                            break
+        return await asyncio.to_thread(self.wait, prompt_id), texts

