@@ -33,6 +33,18 @@ def use_comfyui(comfyui_dir):
         comfy.cli_args.args.cpu = True
 
 
+def import_pack(pack_dir=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name="fluxaccel"):
+    """Imports this checkout of the pack as package `name` (ComfyUI imports it by its folder name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(pack_dir, "__init__.py"),
+                                                  submodule_search_locations=[pack_dir])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_flux_unet_config(hidden_size=64, depth=2, depth_single_blocks=3, context_in_dim=32, vec_in_dim=32,
                           guidance_embed=True):
     """unet_config of a small FLUX (head dim 16, four heads at hidden 64)."""

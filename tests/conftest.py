@@ -3,7 +3,6 @@
 The pack is imported under the name `fluxaccel` from this checkout (ComfyUI itself imports it from
 the `custom_nodes/` link under its folder name); ComfyUI comes from COMFYUI_DIR.
 """
-import importlib.util
 import os
 import sys
 
@@ -19,18 +18,7 @@ import flux_fixtures  # noqa: E402
 if not os.path.isfile(os.path.join(COMFYUI_DIR, "main.py")):
     raise pytest.UsageError(f"no ComfyUI at {COMFYUI_DIR}: run `bash scripts/setup_host.sh` first")
 flux_fixtures.use_comfyui(COMFYUI_DIR)
-
-
-def import_pack():
-    spec = importlib.util.spec_from_file_location(
-        "fluxaccel", os.path.join(PACK_DIR, "__init__.py"), submodule_search_locations=[PACK_DIR])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fluxaccel"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-import_pack()
+flux_fixtures.import_pack(PACK_DIR)
 
 
 @pytest.fixture(autouse=True)

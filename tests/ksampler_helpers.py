@@ -1,11 +1,8 @@
 """Sampling through ComfyUI's own KSampler node on tiny FLUX models."""
-import re
-
 import torch
 
 import nodes
-
-SUMMARY_PATTERN = re.compile(r"First Block Cache \(threshold [^)]*\): computed (\d+)/(\d+) steps, reused (\d+)/\d+")
+from cache_reports import parse_cache_report
 
 
 def conditioning(tokens=6, width=32, seed=0, guidance=3.5):
@@ -28,8 +25,7 @@ def ksample(model, positive=None, negative=None, seed=0, steps=6, cfg=1.0, size=
 
 def cache_summaries(caplog):
     """(computed, total, reused) for every First Block Cache report logged so far."""
-    return [tuple(int(g) for g in match.groups())
-            for record in caplog.records if (match := SUMMARY_PATTERN.search(record.getMessage()))]
+    return [report for record in caplog.records if (report := parse_cache_report(record.getMessage()))]
 
 
 def relative_error(actual, expected):

@@ -1,0 +1,210 @@
+"""Times full KSampler runs of a FLUX.1-dev-shaped model in real ComfyUI, core options beside the pack's.
+
+FLUX.1-dev shapes (hidden 3072, 19 double + 38 single blocks, T5-width text of 512 tokens), random
+weights, Euler, batch 1, cfg 1. Every variant samples the same inputs in this one process: a warm-up
+run (its time is the first-run overhead), then `--runs` timed runs (median reported).
+
+    python scripts/bench_flux.py --variants core-bf16,fbc-0,fbc-alternate --out results.json
+
+Variants:
+  core-bf16, core-fp8fast            ComfyUI alone: bf16 weights; fp8_e4m3fn weights with fp8_optimizations
+  core-bf16+compile, core-fp8fast+compile   the same under core TorchCompileModel (inductor)
+  fbc-<threshold>                    Apply First Block Cache at that threshold (random weights: the
+                                     skip ratio says little about a trained model)
+  fbc-0                              the cache's hooks with nothing reused: cost of a computed step
+  fbc-alternate                      threshold 1, max 1 reuse in a row: every other step reused
+  fbc-all                            threshold 1, no limit: one computed step, the rest reused
+Needs a CUDA GPU for FLUX.1-dev shapes; `--tiny` runs one double + one single block on the CPU.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, SCRIPTS_DIR)
+import flux_fixtures  # noqa: E402
+from cache_reports import CacheReportRecorder  # noqa: E402
+
+FLUX_DEV_TEXT_TOKENS = 512
+FBC_FIXED_PATTERNS = {
+    "fbc-0": (0.0, 0),
+    "fbc-alternate": (1.0, 1),
+    "fbc-all": (1.0, 0),
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_DIR"), help="ComfyUI folder (default $COMFYUI_DIR)")
+    parser.add_argument("--variants", default="core-bf16,fbc-0,fbc-alternate,fbc-all,fbc-0.08,fbc-0.12")
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="one double + one single block, for a CPU smoke run")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--markdown", default=None, help="write the results as a markdown table here")
+    return parser.parse_args()
+
+
+def flux_dev_state_dict(depth, depth_single_blocks, device):
+    """Random FLUX.1-dev-shaped weights (scaled like a trained net's: unit-variance activations)."""
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    config = flux_fixtures.tiny_flux_unet_config(hidden_size=3072, depth=depth, depth_single_blocks=depth_single_blocks,
+                                                 context_in_dim=4096, vec_in_dim=768)
+    config.update(axes_dim=[16, 56, 56], num_heads=24)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = comfy.ldm.flux.model.Flux(**config, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim >= 2:
+                parameter.normal_(0.0, parameter.shape[-1] ** -0.5, generator=generator)
+            elif name.endswith("bias"):
+                parameter.zero_()
+            else:
+                parameter.fill_(1.0)
+    return {name: tensor.to("cpu") for name, tensor in model.state_dict().items()}
+
+
+def load_model(state_dict, fp8):
+    import comfy.sd
+
+    options = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True} if fp8 else {}
+    return comfy.sd.load_diffusion_model_state_dict(dict(state_dict), model_options=options)
+
+
+def conditioning():
+    generator = torch.Generator().manual_seed(1)
+    context = torch.randn(1, FLUX_DEV_TEXT_TOKENS, 4096, generator=generator)
+    pooled = torch.randn(1, 768, generator=generator)
+    positive = [[context, {"pooled_output": pooled, "guidance": 3.5}]]
+    negative = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled), "guidance": 3.5}]]
+    return positive, negative
+
+
+def apply_variant(model, variant):
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
+
+    for part in variant.split("+")[1:] if variant.startswith("core-") else []:
+        if part == "compile":
+            model = model.clone()
+            set_torch_compile_wrapper(model=model, backend="inductor")
+    if variant.startswith("fbc-"):
+        name = variant.split("+")[0]
+        threshold, max_hits = FBC_FIXED_PATTERNS[name] if name in FBC_FIXED_PATTERNS else (float(name[len("fbc-"):]), 0)
+        model = ApplyFirstBlockCache.execute(model, threshold, 0.0, 1.0, max_hits).result[0]
+    return model
+
+
+def timed_sample(model, resolution, steps):
+    import nodes
+
+    positive, negative = conditioning()
+    latent = {"samples": torch.zeros(1, 16, resolution // 8, resolution // 8)}
+    synchronize()
+    started = time.perf_counter()
+    with CacheReportRecorder() as recorder:
+        (out,) = nodes.common_ksampler(model, 7, steps, 1.0, "euler", "simple", positive, negative, latent)
+    synchronize()
+    return time.perf_counter() - started, out["samples"].float(), recorder.reports
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_variant(state_dict, variant, args, reference):
+    import comfy.model_management
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model = apply_variant(load_model(state_dict, fp8="fp8fast" in variant), variant)
+    first_seconds, _, _ = timed_sample(model, args.resolution, args.steps)
+    timings = [timed_sample(model, args.resolution, args.steps) for _ in range(args.runs)]
+    seconds = sorted(t for t, _, _ in timings)
+    _, samples, reports = timings[-1]
+    result = {
+        "median_s": round(seconds[len(seconds) // 2], 3),
+        "times_s": [round(t, 3) for t in seconds],
+        "first_run_s": round(first_seconds, 2),
+        "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "steps_reused": reports[-1][2] if reports else 0,
+        "rel_error_vs_first_variant": None if reference is None else
+        round(((samples - reference).norm() / reference.norm()).item(), 4),
+    }
+    del model
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+    return result, samples
+
+
+def step_costs(results, steps):
+    """Per computed and per reused step, from the fixed-pattern cache variants."""
+    if not {"fbc-0", "fbc-all"} <= results.keys():
+        return {}
+    computed = results["fbc-0"]["median_s"] / steps
+    reused_steps = results["fbc-all"]["steps_reused"]
+    reused = (results["fbc-all"]["median_s"] - (steps - reused_steps) * computed) / reused_steps
+    return {"per_computed_step_s": round(computed, 4), "per_reused_step_s": round(reused, 4)}
+
+
+def markdown_table(report):
+    lines = [
+        f"{report['device']}, torch {report['torch']}, {report['resolution']}², {report['steps']} steps, "
+        f"{report['blocks'][0]} double + {report['blocks'][1]} single blocks, batch 1",
+        "",
+        "| variant | warm median (s) | speedup | first run (s) | peak VRAM (GB) | steps reused | rel. error vs first |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant, r in report["results"].items():
+        lines.append(f"| {variant} | {r['median_s']} | {r['speedup_vs_first_variant']}× | {r['first_run_s']} | "
+                     f"{r['peak_vram_gb']} | {r['steps_reused']}/{report['steps']} | {r['rel_error_vs_first_variant']} |")
+    costs = report["fbc_step_costs"]
+    if costs:
+        lines += ["", f"First Block Cache: {costs['per_computed_step_s']} s per computed step, "
+                      f"{costs['per_reused_step_s']} s per reused step."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    args = parse_args()
+    flux_fixtures.use_comfyui(args.comfyui)
+    flux_fixtures.import_pack()
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    depth, singles = (1, 1) if args.tiny else (19, 38)
+    state_dict = flux_dev_state_dict(depth, singles, device)
+    results, reference = {}, None
+    for variant in args.variants.split(","):
+        results[variant], samples = run_variant(state_dict, variant, args, reference)
+        reference = samples if reference is None else reference
+        print(variant, json.dumps(results[variant]), flush=True)
+    baseline = results[next(iter(results))]["median_s"]
+    for result in results.values():
+        result["speedup_vs_first_variant"] = round(baseline / result["median_s"], 2)
+    report = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__, "resolution": args.resolution, "steps": args.steps,
+        "blocks": [depth, singles], "results": results, "fbc_step_costs": step_costs(results, args.steps),
+    }
+    print(json.dumps(report, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(report))
+
+
+if __name__ == "__main__":
+    main()
