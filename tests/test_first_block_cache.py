@@ -25,9 +25,21 @@ def split_conds():
     return conditioning(tokens=6, seed=1), conditioning(tokens=9, seed=2)
 
 
-def test_zero_threshold_is_bit_exact():
-    model = tiny_flux_patcher()
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_zero_threshold_is_bit_exact(variant):
+    model = tiny_flux_patcher(guidance_embed=variant == "dev")
     assert torch.equal(ksample(with_cache(model, 0.0)), ksample(model))
+
+
+def test_composes_with_core_model_sampling_patch(caplog_info):
+    """Core's ModelSamplingFlux swaps the sigma schedule; the cache's window must follow it."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+    (shifted,) = ModelSamplingFlux().patch(tiny_flux_patcher(), 1.15, 0.5, 32, 32)
+    assert torch.equal(ksample(with_cache(shifted, 0.0)), ksample(shifted))
+    ksample(with_cache(shifted, 0.3, start_percent=0.5), steps=8)
+    (_, _, reused) = cache_summaries(caplog_info)[-1]
+    assert 0 < reused <= 4
 
 
 @pytest.mark.parametrize("conds", ["batched", "split"])
