@@ -4,7 +4,7 @@ FLUX.1-dev shapes (hidden 3072, 19 double + 38 single blocks, T5-width text of 5
 weights, Euler, batch 1, cfg 1. Every variant samples the same inputs in this one process: a warm-up
 run (its time is the first-run overhead), then `--runs` timed runs (median reported).
 
-    python scripts/bench_flux.py --variants core-bf16,fbc-0,fbc-alternate --out results.json
+    python scripts/bench_flux.py --variants core-bf16,fbc-0,fbc-alternate --resolutions 1024 --out results.json
 
 Variants:
   core-bf16, core-fp8fast            ComfyUI alone: bf16 weights; fp8_e4m3fn weights with fp8_optimizations
@@ -41,7 +41,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_DIR"), help="ComfyUI folder (default $COMFYUI_DIR)")
     parser.add_argument("--variants", default="core-bf16,fbc-0,fbc-alternate,fbc-all,fbc-0.08,fbc-0.12")
-    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--resolutions", type=lambda text: [int(r) for r in text.split(",")], default=[1024],
+                        help="comma list, e.g. 512,768,1024,1536: each variant is loaded once and sampled at each")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="one double + one single block, for a CPU smoke run")
@@ -121,17 +122,16 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-def run_variant(state_dict, variant, args, reference):
-    import comfy.model_management
-
+def measure(model, resolution, args, reference):
+    """Warm-up run, then `args.runs` timed runs of one model at one resolution."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    model = apply_variant(load_model(state_dict, fp8="fp8fast" in variant), variant)
-    first_seconds, _, _ = timed_sample(model, args.resolution, args.steps)
-    timings = [timed_sample(model, args.resolution, args.steps) for _ in range(args.runs)]
+    first_seconds, _, _ = timed_sample(model, resolution, args.steps)
+    timings = [timed_sample(model, resolution, args.steps) for _ in range(args.runs)]
     seconds = sorted(t for t, _, _ in timings)
     _, samples, reports = timings[-1]
-    result = {
+    row = {
+        "resolution": resolution,
         "median_s": round(seconds[len(seconds) // 2], 3),
         "times_s": [round(t, 3) for t in seconds],
         "first_run_s": round(first_seconds, 2),
@@ -140,38 +140,73 @@ def run_variant(state_dict, variant, args, reference):
         "rel_error_vs_first_variant": None if reference is None else
         round(((samples - reference).norm() / reference.norm()).item(), 4),
     }
+    return row, samples
+
+
+def run_variant(state_dict, variant, args, references):
+    """Rows of one variant over the resolutions; the first variant's samples become the references."""
+    import comfy.model_management
+
+    model = apply_variant(load_model(state_dict, fp8="fp8fast" in variant), variant)
+    rows = []
+    for resolution in args.resolutions:
+        row, samples = measure(model, resolution, args, references.get(resolution))
+        references.setdefault(resolution, samples)
+        rows.append({"variant": variant, **row})
+        print(json.dumps(rows[-1]), flush=True)
     del model
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()
-    return result, samples
+    return rows
 
 
-def step_costs(results, steps):
-    """Per computed and per reused step, from the fixed-pattern cache variants."""
-    if not {"fbc-0", "fbc-all"} <= results.keys():
-        return {}
-    computed = results["fbc-0"]["median_s"] / steps
-    reused_steps = results["fbc-all"]["steps_reused"]
-    reused = (results["fbc-all"]["median_s"] - (steps - reused_steps) * computed) / reused_steps
-    return {"per_computed_step_s": round(computed, 4), "per_reused_step_s": round(reused, 4)}
+def add_speedups(rows):
+    baselines = {}
+    for row in rows:
+        baseline = baselines.setdefault(row["resolution"], row["median_s"])
+        row["speedup_vs_first_variant"] = round(baseline / row["median_s"], 2)
+
+
+def step_costs(rows, steps):
+    """Seconds per computed and per reused step, per resolution, from the fixed-pattern cache variants."""
+    by_key = {(row["variant"], row["resolution"]): row for row in rows}
+    costs = {}
+    for (variant, resolution), none_reused in by_key.items():
+        all_reused = by_key.get(("fbc-all", resolution))
+        if variant != "fbc-0" or all_reused is None:
+            continue
+        computed = none_reused["median_s"] / steps
+        reused_steps = all_reused["steps_reused"]
+        reused = (all_reused["median_s"] - (steps - reused_steps) * computed) / reused_steps
+        costs[resolution] = {"per_computed_step_s": round(computed, 4), "per_reused_step_s": round(reused, 4)}
+    return costs
 
 
 def markdown_table(report):
     lines = [
-        f"{report['device']}, torch {report['torch']}, {report['resolution']}², {report['steps']} steps, "
+        f"{report['device']}, torch {report['torch']}, {report['steps']} steps, "
         f"{report['blocks'][0]} double + {report['blocks'][1]} single blocks, batch 1",
         "",
-        "| variant | warm median (s) | speedup | first run (s) | peak VRAM (GB) | steps reused | rel. error vs first |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | resolution | warm median (s) | speedup | first run (s) | peak VRAM (GB) | steps reused | rel. error vs first |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for variant, r in report["results"].items():
-        lines.append(f"| {variant} | {r['median_s']} | {r['speedup_vs_first_variant']}× | {r['first_run_s']} | "
-                     f"{r['peak_vram_gb']} | {r['steps_reused']}/{report['steps']} | {r['rel_error_vs_first_variant']} |")
-    costs = report["fbc_step_costs"]
-    if costs:
-        lines += ["", f"First Block Cache: {costs['per_computed_step_s']} s per computed step, "
-                      f"{costs['per_reused_step_s']} s per reused step."]
+    for r in report["rows"]:
+        lines.append(f"| {r['variant']} | {r['resolution']}² | {r['median_s']} | {r['speedup_vs_first_variant']}× | "
+                     f"{r['first_run_s']} | {r['peak_vram_gb']} | {r['steps_reused']}/{report['steps']} | "
+                     f"{r['rel_error_vs_first_variant']} |")
+    for resolution, costs in report["fbc_step_costs"].items():
+        lines.append(f"\nFirst Block Cache at {resolution}²: {costs['per_computed_step_s']} s per computed step, "
+                     f"{costs['per_reused_step_s']} s per reused step.")
     return "\n".join(lines) + "\n"
+
+
+def write_report(report, args):
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(report))
 
 
 def main():
@@ -184,26 +219,18 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     depth, singles = (1, 1) if args.tiny else (19, 38)
     state_dict = flux_dev_state_dict(depth, singles, device)
-    results, reference = {}, None
-    for variant in args.variants.split(","):
-        results[variant], samples = run_variant(state_dict, variant, args, reference)
-        reference = samples if reference is None else reference
-        print(variant, json.dumps(results[variant]), flush=True)
-    baseline = results[next(iter(results))]["median_s"]
-    for result in results.values():
-        result["speedup_vs_first_variant"] = round(baseline / result["median_s"], 2)
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__, "resolution": args.resolution, "steps": args.steps,
-        "blocks": [depth, singles], "results": results, "fbc_step_costs": step_costs(results, args.steps),
+        "torch": torch.__version__, "steps": args.steps, "blocks": [depth, singles], "rows": [],
     }
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown_table(report))
+    references = {}
+    for variant in args.variants.split(","):
+        report["rows"] += run_variant(state_dict, variant, args, references)
+        add_speedups(report["rows"])
+        report["fbc_step_costs"] = step_costs(report["rows"], args.steps)
+        # Written after every variant, so a run stopped at its time limit still leaves its data.
+        write_report(report, args)
+    print(markdown_table(report))
 
 
 if __name__ == "__main__":
