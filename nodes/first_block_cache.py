@@ -52,12 +52,9 @@ class ForwardPlan:
     run: CacheRun
     keys: list
     reuse: bool
-    first_txt: torch.Tensor
-    first_img: torch.Tensor
-
-    def first_hidden(self) -> torch.Tensor:
-        # The single-stream blocks see text tokens followed by image tokens.
-        return torch.cat((self.first_txt, self.first_img), dim=1)
+    # The single-stream layout (text tokens, then image tokens) of the first block's output, copied:
+    # ComfyUI's blocks add to their inputs in place, so the first block's output tensors change.
+    first_hidden: torch.Tensor
 
 
 def conditioning_keys(transformer_options, batch_size) -> list[Hashable]:
@@ -85,18 +82,20 @@ class CacheBlock:
 
 class FirstBlock(CacheBlock):
     def __call__(self, args, extra):
-        out = self.run_block(args, extra)
         options = args["transformer_options"]
         run: Optional[CacheRun] = options.get(RUN_KEY)
         if run is None:
-            return out
-        first_residual = out["img"] - args["img"]
+            return self.run_block(args, extra)
+        # The block adds its residual to `img` in place: keep the input to measure the residual.
+        block_input = args["img"].clone()
+        out = self.run_block(args, extra)
+        first_residual = out["img"] - block_input
         keys = conditioning_keys(options, first_residual.shape[0])
         reuse = run.cache.should_reuse(keys, first_residual)
         if not reuse:
             run.cache.store_first_residual(keys, first_residual)
         # `options` is forward_orig's own copy: the plan lives exactly as long as this call.
-        options[FORWARD_KEY] = ForwardPlan(run, keys, reuse, out["txt"], out["img"])
+        options[FORWARD_KEY] = ForwardPlan(run, keys, reuse, torch.cat((out["txt"], out["img"]), dim=1))
         return out
 
 
@@ -114,9 +113,9 @@ class LastBlock(CacheBlock):
         if plan is None:
             return self.run_block(args, extra)
         if plan.reuse:
-            return {"img": plan.first_hidden() + plan.run.cache.remaining_residual(plan.keys)}
+            return {"img": plan.first_hidden + plan.run.cache.remaining_residual(plan.keys)}
         out = self.run_block(args, extra)
-        plan.run.cache.store_remaining_residual(plan.keys, out["img"] - plan.first_hidden())
+        plan.run.cache.store_remaining_residual(plan.keys, out["img"] - plan.first_hidden)
         return out
 
 
