@@ -26,6 +26,7 @@ import torch
 
 SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, SCRIPTS_DIR)
+import bench_report  # noqa: E402
 import flux_fixtures  # noqa: E402
 from cache_reports import CacheReportRecorder  # noqa: E402
 
@@ -51,6 +52,18 @@ def parse_args():
     return parser.parse_args()
 
 
+@torch.no_grad()
+def randomize_like_trained(model, generator):
+    """Weights N(0, fan_in^-1/2), biases 0, norm scales 1: unit-variance activations, like a trained net's."""
+    for name, parameter in model.named_parameters():
+        if parameter.ndim >= 2:
+            parameter.normal_(0.0, parameter.shape[-1] ** -0.5, generator=generator)
+        elif name.endswith("bias"):
+            parameter.zero_()
+        else:
+            parameter.fill_(1.0)
+
+
 def flux_dev_state_dict(depth, depth_single_blocks, device):
     """Random FLUX.1-dev-shaped weights (scaled like a trained net's: unit-variance activations)."""
     import comfy.ldm.flux.model
@@ -61,15 +74,7 @@ def flux_dev_state_dict(depth, depth_single_blocks, device):
     config.update(axes_dim=[16, 56, 56], num_heads=24)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = comfy.ldm.flux.model.Flux(**config, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.ndim >= 2:
-                parameter.normal_(0.0, parameter.shape[-1] ** -0.5, generator=generator)
-            elif name.endswith("bias"):
-                parameter.zero_()
-            else:
-                parameter.fill_(1.0)
+    randomize_like_trained(model, torch.Generator(device=device).manual_seed(0))
     return {name: tensor.to("cpu") for name, tensor in model.state_dict().items()}
 
 
@@ -160,53 +165,9 @@ def run_variant(state_dict, variant, args, references):
     return rows
 
 
-def add_speedups(rows):
-    baselines = {}
-    for row in rows:
-        baseline = baselines.setdefault(row["resolution"], row["median_s"])
-        row["speedup_vs_first_variant"] = round(baseline / row["median_s"], 2)
-
-
-def step_costs(rows, steps):
-    """Seconds per computed and per reused step, per resolution, from the fixed-pattern cache variants."""
-    by_key = {(row["variant"], row["resolution"]): row for row in rows}
-    costs = {}
-    for (variant, resolution), none_reused in by_key.items():
-        all_reused = by_key.get(("fbc-all", resolution))
-        if variant != "fbc-0" or all_reused is None:
-            continue
-        computed = none_reused["median_s"] / steps
-        reused_steps = all_reused["steps_reused"]
-        reused = (all_reused["median_s"] - (steps - reused_steps) * computed) / reused_steps
-        costs[resolution] = {"per_computed_step_s": round(computed, 4), "per_reused_step_s": round(reused, 4)}
-    return costs
-
-
-def markdown_table(report):
-    lines = [
-        f"{report['device']}, torch {report['torch']}, {report['steps']} steps, "
-        f"{report['blocks'][0]} double + {report['blocks'][1]} single blocks, batch 1",
-        "",
-        "| variant | resolution | warm median (s) | speedup | first run (s) | peak VRAM (GB) | steps reused | rel. error vs first |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        lines.append(f"| {r['variant']} | {r['resolution']}² | {r['median_s']} | {r['speedup_vs_first_variant']}× | "
-                     f"{r['first_run_s']} | {r['peak_vram_gb']} | {r['steps_reused']}/{report['steps']} | "
-                     f"{r['rel_error_vs_first_variant']} |")
-    for resolution, costs in report["fbc_step_costs"].items():
-        lines.append(f"\nFirst Block Cache at {resolution}²: {costs['per_computed_step_s']} s per computed step, "
-                     f"{costs['per_reused_step_s']} s per reused step.")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report, args):
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown_table(report))
+def report_title(report):
+    return (f"{report['device']}, torch {report['torch']}, {report['steps']} steps, "
+            f"{report['blocks'][0]} double + {report['blocks'][1]} single blocks, batch 1")
 
 
 def main():
@@ -223,14 +184,11 @@ def main():
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "steps": args.steps, "blocks": [depth, singles], "rows": [],
     }
-    references = {}
+    title, references = report_title(report), {}
     for variant in args.variants.split(","):
         report["rows"] += run_variant(state_dict, variant, args, references)
-        add_speedups(report["rows"])
-        report["fbc_step_costs"] = step_costs(report["rows"], args.steps)
-        # Written after every variant, so a run stopped at its time limit still leaves its data.
-        write_report(report, args)
-    print(markdown_table(report))
+        bench_report.update_report(report, title, args.out, args.markdown)
+    print(bench_report.markdown_table(report, title))
 
 
 if __name__ == "__main__":

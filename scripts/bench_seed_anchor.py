@@ -3,8 +3,8 @@
 The pack's own numbers come from `scripts/bench_flux.py` (real ComfyUI). This script times the
 recipe ParaAttention publishes for FLUX.1-dev (First Block Cache, then torchao fp8 dynamic
 quantization, then torch.compile) on diffusers' FluxTransformer2DModel, on the same GPU and with the
-same conventions, so both JSONs tabulate together (same per-variant keys: median_s, times_s,
-first_run_s, peak_vram_gb, steps_reused, speedup_vs_first_variant, rel_error_vs_first_variant).
+same conventions, and writes the same report (scripts/bench_report.py: one row per variant and
+resolution), so both JSONs tabulate together.
 
 What is timed: FLUX.1-dev shapes (hidden 3072, 19 double + 38 single blocks, 512 text tokens of
 width 4096, pooled 768, guidance 3.5), random weights in bf16, batch 1, a 28-step Euler
@@ -50,6 +50,9 @@ import traceback
 from contextlib import nullcontext
 
 import torch
+
+import bench_report
+from bench_flux import randomize_like_trained
 
 FLUX_DEV_CONFIG = dict(
     in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
@@ -104,9 +107,8 @@ def build_transformer(config, device, dtype, seed=0):
     """FluxTransformer2DModel with random weights scaled like a trained net's (unit-variance activations).
 
     Built on the meta device and materialized once on `device`, so the 12B parameters are never
-    initialized twice nor held in float32. Same scheme as bench_flux.py's flux_dev_state_dict:
-    weights N(0, fan_in^-1/2), biases 0, norm scales 1. Every variant calls this with the same seed
-    and gets the same weights.
+    initialized twice nor held in float32. Randomized as bench_flux.py's weights are (its
+    randomize_like_trained). Every variant calls this with the same seed and gets the same weights.
     """
     from diffusers import FluxTransformer2DModel
 
@@ -121,15 +123,7 @@ def build_transformer(config, device, dtype, seed=0):
         torch.set_default_dtype(previous_dtype)
     model = model.to_empty(device=device)
     assert not list(model.buffers()), "to_empty leaves buffers uninitialized: this model was assumed to have none"
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.ndim >= 2:
-                parameter.normal_(0.0, parameter.shape[-1] ** -0.5, generator=generator)
-            elif name.endswith("bias"):
-                parameter.zero_()
-            else:
-                parameter.fill_(1.0)
+    randomize_like_trained(model, torch.Generator(device=device).manual_seed(seed))
     return model.eval().requires_grad_(False)
 
 
@@ -377,26 +371,6 @@ def release_memory():
 # Report
 
 
-def step_costs(results, steps):
-    """Per computed and per reused step, from the fixed-work cache variants (as bench_flux.py)."""
-    fixed = [results.get(name) for name in FBC_FIXED_THRESHOLDS]
-    if not all(r and "median_s" in r for r in fixed) or not results["fbc-all"]["steps_reused"]:
-        return {}
-    computed = results["fbc-0"]["median_s"] / steps
-    reused_steps = results["fbc-all"]["steps_reused"]
-    reused = (results["fbc-all"]["median_s"] - (steps - reused_steps) * computed) / reused_steps
-    return {"per_computed_step_s": round(computed, 4), "per_reused_step_s": round(reused, 4)}
-
-
-def add_speedups(results):
-    timed = [r for r in results.values() if "median_s" in r]
-    if not timed:
-        return
-    baseline = timed[0]["median_s"]
-    for result in timed:
-        result["speedup_vs_first_variant"] = round(baseline / result["median_s"], 2)
-
-
 def package_version(name):
     try:
         import importlib.metadata
@@ -406,53 +380,27 @@ def package_version(name):
         return None
 
 
-def make_report(args, config, results):
-    add_speedups(results)
+def report_metadata(args, config):
     return {
         "system": "ParaAttention seed recipe on diffusers FluxTransformer2DModel (outside ComfyUI)",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "diffusers": package_version("diffusers"), "para_attn": package_version("para-attn"),
         "torchao": package_version("torchao"),
-        "resolution": args.resolution, "steps": args.steps, "text_tokens": args.text_tokens,
+        "steps": args.steps, "text_tokens": args.text_tokens,
         "blocks": [config["num_layers"], config["num_single_layers"]],
         "sigmas": "FLUX.1-dev FluxPipeline: linspace(1, 1/steps) exponential-shifted by calculate_shift, then 0",
         "compile_mode": args.compile_mode, "fp8_granularity": args.fp8_granularity,
         "torchao_inductor_config": not args.no_torchao_inductor_config,
-        "results": results, "fbc_step_costs": step_costs(results, args.steps),
+        "rows": [],
     }
 
 
-def markdown_table(report):
-    lines = [
-        f"{report['system']}: {report['device']}, torch {report['torch']}, diffusers {report['diffusers']}, "
-        f"para-attn {report['para_attn']}, torchao {report['torchao']}; {report['resolution']}², "
-        f"{report['steps']} Euler steps, {report['blocks'][0]} double + {report['blocks'][1]} single blocks, "
-        f"batch 1, compile mode {report['compile_mode']}, fp8 per {report['fp8_granularity']}",
-        "",
-        "| variant | warm median (s) | speedup | first run (s) | peak VRAM (GB) | steps reused | rel. error vs first |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for variant, r in report["results"].items():
-        if "error" in r:
-            lines.append(f"| {variant} | failed: {r['error']} | | | | | |")
-            continue
-        lines.append(f"| {variant} | {r['median_s']} | {r['speedup_vs_first_variant']}× | {r['first_run_s']} | "
-                     f"{r['peak_vram_gb']} | {r['steps_reused']}/{report['steps']} | {r['rel_error_vs_first_variant']} |")
-    costs = report["fbc_step_costs"]
-    if costs:
-        lines += ["", f"First Block Cache (para-attn): {costs['per_computed_step_s']} s per computed step, "
-                      f"{costs['per_reused_step_s']} s per reused step."]
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(report, args):
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown_table(report))
+def report_title(report):
+    return (f"{report['system']}: {report['device']}, torch {report['torch']}, diffusers {report['diffusers']}, "
+            f"para-attn {report['para_attn']}, torchao {report['torchao']}; {report['steps']} Euler steps, "
+            f"{report['blocks'][0]} double + {report['blocks'][1]} single blocks, batch 1, "
+            f"compile mode {report['compile_mode']}, fp8 per {report['fp8_granularity']}")
 
 
 def main():
@@ -464,18 +412,21 @@ def main():
     else:
         sys.exit("FLUX.1-dev shapes need a CUDA GPU; use --tiny for a CPU smoke run")
     inputs = sampling_inputs(config, args, device, dtype)
-    results, reference, started = {}, None, time.perf_counter()
+    report = report_metadata(args, config)
+    title, reference, started = report_title(report), None, time.perf_counter()
     for variant in args.variants.split(","):
+        row = {"variant": variant, "resolution": args.resolution}
         try:
-            results[variant], latents = run_variant(variant, config, inputs, args, device, dtype, reference)
+            result, latents = run_variant(variant, config, inputs, args, device, dtype, reference)
+            row.update(result)
             reference = latents if reference is None else reference
         except Exception as error:  # one failed variant (e.g. a compile error) must not lose the others
             traceback.print_exc()
-            results[variant] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            row["error"] = f"{type(error).__name__}: {error}"[:300]
         release_memory()
-        report = make_report(args, config, results)
-        print(f"[{time.perf_counter() - started:.0f} s] {variant} {json.dumps(results[variant])}", flush=True)
-        write_outputs(report, args)
+        report["rows"].append(row)
+        bench_report.update_report(report, title, args.out, args.markdown)
+        print(f"[{time.perf_counter() - started:.0f} s] {variant} {json.dumps(row)}", flush=True)
     print(json.dumps(report, indent=1), flush=True)
 
 
