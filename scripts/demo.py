@@ -11,8 +11,11 @@ from api_workflows import text_to_image
 from comfy_server import ComfyServer
 
 STEPS = 12
-FIRST_BLOCK_CACHE = ("FluxAccelFirstBlockCache", {
-    "residual_diff_threshold": 0.12, "start_percent": 0.0, "end_percent": 1.0, "max_consecutive_hits": 0})
+
+
+def first_block_cache(threshold):
+    return ("FluxAccelFirstBlockCache", {
+        "residual_diff_threshold": threshold, "start_percent": 0.0, "end_percent": 1.0, "max_consecutive_hits": 0})
 
 
 def timed_run(server, title, workflow):
@@ -35,7 +38,11 @@ def main():
         # The first run also loads the models; it is shown apart so the two timed runs compare.
         timed_run(server, "warm-up (loads the models)", text_to_image(output="image", steps=2))
         timed_run(server, "ComfyUI alone", text_to_image(output="image", steps=STEPS))
-        timed_run(server, "with Apply First Block Cache (0.12)", text_to_image([FIRST_BLOCK_CACHE], output="image", steps=STEPS))
+        # Random weights move the first block's residual far more between steps than trained ones
+        # (docs/FIDELITY.md has the trained-model curve), so the default 0.12 reuses little here.
+        for threshold in (0.12, 1.0):
+            timed_run(server, f"with Apply First Block Cache ({threshold})",
+                      text_to_image([first_block_cache(threshold)], output="image", steps=STEPS))
 
 
 if __name__ == "__main__":
