@@ -1,0 +1,425 @@
+"""How far First Block Cache moves FLUX's images from the uncached ones, measured on a trained FLUX.
+
+Library and CLI. The model is tests/assets/tiny_flux_shapes.safetensors (scripts/train_tiny_flux.py):
+a small FLUX of ComfyUI's own classes, trained to draw the shape, colour and position its prompt
+asks for. Every image comes from ComfyUI's real KSampler node on a real ModelPatcher, with and
+without the pack's ApplyFirstBlockCache node; the share of skipped steps is read from the node's
+own log report ("computed C/N steps, reused R/N").
+
+Metrics compare a cached latent with the uncached latent of the same prompt and seed, in the
+latent space KSampler returns (16 channels; no VAE is involved):
+- PSNR, with the peak taken as the dynamic range (max - min) of the uncached reference;
+- SSIM, Gaussian window (7 px, sigma 1.5, sized for 16x16 latents), per channel, then averaged;
+- no LPIPS: no usable offline LPIPS package is available here, and its weights would have to be
+  downloaded.
+
+    python scripts/fidelity.py                # prints the curve
+    python scripts/fidelity.py --write-docs   # and writes docs/FIDELITY.md
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
+PACK_DIR = os.path.dirname(SCRIPTS_DIR)
+sys.path.insert(0, SCRIPTS_DIR)
+
+import flux_fixtures  # noqa: E402
+import train_tiny_flux  # noqa: E402
+from cache_reports import CacheReportRecorder  # noqa: E402
+from train_tiny_flux import ALL_CONDITIONS, COLOURS, POSITIONS, SHAPES, Condition, ShapesWorld  # noqa: E402
+
+DEFAULT_WEIGHTS = os.path.join(PACK_DIR, "tests", "assets", "tiny_flux_shapes.safetensors")
+DOCS_PATH = os.path.join(PACK_DIR, "docs", "FIDELITY.md")
+DEFAULT_THRESHOLDS = (0.02, 0.04, 0.06, 0.08, 0.10, 0.12, 0.15, 0.2, 0.25, 0.3)
+DEFAULT_SEEDS = (0, 1)
+DEFAULT_CONDITION_COUNT = 6
+STEPS = 28
+
+# What a good default must reach (averaged over the measured prompts and seeds).
+MIN_SKIPPED_FRACTION = 0.35
+MIN_MEAN_PSNR_DB = 30.0
+# The thresholds used with FLUX.1-dev in practice; preferred when several qualify.
+FLUX_DEV_PRACTICE = (0.08, 0.12)
+
+SSIM_WINDOW = 7
+SSIM_SIGMA = 1.5
+
+
+def setup_comfyui(comfyui_dir=train_tiny_flux.DEFAULT_COMFYUI_DIR, pack_dir=PACK_DIR):
+    """Makes ComfyUI and the pack (as `fluxaccel`; this checkout unless told) importable."""
+    flux_fixtures.use_comfyui(comfyui_dir)
+    if "fluxaccel" not in sys.modules:
+        flux_fixtures.import_pack(os.path.abspath(pack_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+def psnr(result, reference):
+    """PSNR in dB of `result` against `reference`; peak = the reference's dynamic range (max - min).
+
+    Latents have no fixed white level like 8-bit images, so the reference's own range stands in.
+    Identical tensors give inf.
+    """
+    result, reference = result.double(), reference.double()
+    mse = torch.mean((result - reference) ** 2).item()
+    if mse == 0.0:
+        return math.inf
+    peak = (reference.max() - reference.min()).item()
+    return 10.0 * math.log10(peak ** 2 / mse)
+
+
+def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
+    coordinates = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    profile = torch.exp(-coordinates ** 2 / (2 * sigma ** 2))
+    profile /= profile.sum()
+    return profile[:, None] * profile[None, :]
+
+
+def ssim(result, reference, window_size=SSIM_WINDOW, sigma=SSIM_SIGMA):
+    """Mean SSIM over channels of (C, H, W) or (B, C, H, W) tensors (Wang et al. 2004).
+
+    Local statistics under a Gaussian window, each channel on its own ("valid" positions only);
+    the stabilising constants use the reference's dynamic range as L, as psnr does.
+    """
+    result, reference = result.double(), reference.double()
+    if result.ndim == 3:
+        result, reference = result[None], reference[None]
+    channels = result.shape[1]
+    window = gaussian_window(window_size, sigma).expand(channels, 1, window_size, window_size)
+
+    def local_mean(x):
+        return torch.nn.functional.conv2d(x, window, groups=channels)
+
+    dynamic_range = (reference.max() - reference.min()).item()
+    c1, c2 = (0.01 * dynamic_range) ** 2, (0.03 * dynamic_range) ** 2
+    mu_x, mu_y = local_mean(result), local_mean(reference)
+    var_x = local_mean(result * result) - mu_x ** 2
+    var_y = local_mean(reference * reference) - mu_y ** 2
+    covariance = local_mean(result * reference) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * covariance + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The trained model, through ComfyUI's own loader classes and sampler node
+
+@dataclasses.dataclass
+class ShapesModel:
+    patcher: object  # comfy.model_patcher.ModelPatcher
+    world: ShapesWorld
+    metadata: dict
+    path: str
+
+    def describe(self) -> str:
+        config = json.loads(self.metadata["unet_config"])
+        training = json.loads(self.metadata["training"])
+        final_loss = json.loads(self.metadata["loss_log"])[-1][1]
+        return (f"FLUX (comfy.model_base.Flux), hidden {config['hidden_size']}, {config['num_heads']} heads of "
+                f"{sum(config['axes_dim'])}, {config['depth']} double + {config['depth_single_blocks']} single blocks, "
+                f"context/pooled width {config['context_in_dim']}/{config['vec_in_dim']}, "
+                f"{int(self.metadata['parameters']):,} parameters; trained {training['steps']} steps of batch "
+                f"{training['batch_size']} in {self.metadata['training_seconds']} s "
+                f"({self.metadata['threads']} CPU threads, final flow-matching loss {final_loss}); "
+                f"{self.world.latent_size}x{self.world.latent_size} latents "
+                f"({(self.world.latent_size // 2) ** 2} image tokens)")
+
+
+def load_shapes_model(path=DEFAULT_WEIGHTS) -> ShapesModel:
+    """The trained FLUX in a real ModelPatcher, in fp32, on ComfyUI's torch device."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import safetensors
+
+    with safetensors.safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        state_dict = {name: f.get_tensor(name).float() for name in f.keys()}
+    model_config = comfy.supported_models.Flux(json.loads(metadata["unet_config"]))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    model.diffusion_model.load_state_dict(state_dict, strict=True)
+    device = comfy.model_management.get_torch_device()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    return ShapesModel(patcher, ShapesWorld.from_json(metadata["world"]), metadata, path)
+
+
+def ksample(patcher, condition: Condition, seed, world: ShapesWorld, steps=STEPS):
+    """One image through ComfyUI's KSampler node: Euler, "simple" schedule, cfg 1 with FLUX guidance 3.5."""
+    import nodes
+
+    positive = train_tiny_flux.comfy_conditioning(condition, world)
+    negative = positive  # cfg 1.0: ComfyUI never evaluates the negative
+    latent = {"samples": torch.zeros(1, world.channels, world.latent_size, world.latent_size)}
+    (out,) = nodes.KSampler().sample(patcher, seed, steps, 1.0, "euler", "simple", positive, negative, latent)
+    return out["samples"][0]
+
+
+def with_first_block_cache(patcher, threshold):
+    """The pack's node with this threshold and its defaults for everything else."""
+    from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
+
+    defaults = {i.id: i.default for i in ApplyFirstBlockCache.define_schema().inputs if i.id != "model"}
+    defaults["residual_diff_threshold"] = threshold
+    return ApplyFirstBlockCache.execute(patcher, **defaults).result[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Does the model draw what it is asked?
+
+def templates(world: ShapesWorld, latent_format):
+    """The canonical drawing of every condition, in KSampler's output space."""
+    return latent_format.process_out(train_tiny_flux.draw(ALL_CONDITIONS, world))
+
+
+def pattern(latents):
+    """Per-channel mean removed (the background tone varies per image), flattened, unit length."""
+    centred = latents - latents.mean(dim=(-2, -1), keepdim=True)
+    flat = centred.flatten(1)
+    return flat / flat.norm(dim=1, keepdim=True)
+
+
+def template_similarities(latent, world: ShapesWorld, latent_format):
+    """Cosine similarity of one sampled latent with every condition's template (ALL_CONDITIONS order)."""
+    return (pattern(templates(world, latent_format)) @ pattern(latent[None])[0]).tolist()
+
+
+def recognised_condition(latent, world: ShapesWorld, latent_format) -> Condition:
+    similarities = template_similarities(latent, world, latent_format)
+    return ALL_CONDITIONS[max(range(len(similarities)), key=similarities.__getitem__)]
+
+
+def spread_conditions(count):
+    """`count` prompts that between them vary every shape, colour and position."""
+    picks = [Condition(SHAPES[j % len(SHAPES)], COLOURS[j % len(COLOURS)], POSITIONS[(j // 4 + j) % len(POSITIONS)])
+             for j in range(count)]
+    assert len(set(picks)) == len(picks)
+    return picks
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache curve
+
+@dataclasses.dataclass(frozen=True)
+class CurvePoint:
+    threshold: float
+    skipped_fraction: float  # mean over cases of reused / total steps
+    mean_psnr: float
+    min_psnr: float
+    mean_ssim: float
+    cases: int
+
+    def qualifies(self) -> bool:
+        return self.skipped_fraction >= MIN_SKIPPED_FRACTION and self.mean_psnr >= MIN_MEAN_PSNR_DB
+
+
+def sample_cached(patcher, threshold, condition, seed, world, steps):
+    """(latent, skipped fraction) of one cached run, the fraction read from the node's log report."""
+    with CacheReportRecorder() as recorder:
+        latent = ksample(with_first_block_cache(patcher, threshold), condition, seed, world, steps)
+    [(computed, total, reused)] = recorder.reports
+    if total != steps or computed + reused != total:
+        raise AssertionError(f"unexpected cache report {computed}/{total}, {reused}/{total} for {steps} steps")
+    return latent, reused / total
+
+
+def cases_of(conditions, seeds):
+    return [(condition, seed) for condition in conditions for seed in seeds]
+
+
+def reference_samples(model: ShapesModel, cases, steps=STEPS):
+    """The uncached latent of every (condition, seed) case."""
+    return {case: ksample(model.patcher, *case, model.world, steps) for case in cases}
+
+
+def cache_curve(thresholds, seeds, conditions, steps=STEPS, model: ShapesModel = None, references=None, log=None):
+    """For each threshold: skipped share of steps, PSNR (mean, min) and mean SSIM against the uncached images.
+
+    Every (condition, seed) pair is one case; its uncached reference is sampled once (or passed in
+    `references`, as `reference_samples` gives them).
+    """
+    model = model if model is not None else load_shapes_model()
+    cases = cases_of(conditions, seeds)
+    references = references if references is not None else reference_samples(model, cases, steps)
+    points = []
+    for threshold in thresholds:
+        skipped, psnrs, ssims = [], [], []
+        for case in cases:
+            latent, fraction = sample_cached(model.patcher, threshold, *case, model.world, steps)
+            skipped.append(fraction)
+            psnrs.append(psnr(latent, references[case]))
+            ssims.append(ssim(latent, references[case]))
+        point = CurvePoint(threshold, statistics.fmean(skipped), statistics.fmean(psnrs), min(psnrs),
+                           statistics.fmean(ssims), len(cases))
+        points.append(point)
+        if log:
+            log(format_row(point))
+    return points
+
+
+def recommended_threshold(points):
+    """The qualifying threshold that skips most, preferring FLUX.1-dev's usual range when one there qualifies."""
+    qualifying = [p for p in points if p.qualifies()]
+    in_practice = [p for p in qualifying if FLUX_DEV_PRACTICE[0] <= p.threshold <= FLUX_DEV_PRACTICE[1]]
+    candidates = in_practice or qualifying
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: (p.skipped_fraction, p.threshold)).threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+def format_db(value):
+    return "identical" if math.isinf(value) else f"{value:.1f}"
+
+
+def format_row(point: CurvePoint):
+    return (f"| {point.threshold:.2f} | {100 * point.skipped_fraction:.1f} % | {format_db(point.mean_psnr)} | "
+            f"{format_db(point.min_psnr)} | {point.mean_ssim:.4f} | {'yes' if point.qualifies() else 'no'} |")
+
+
+def recognition_summary(model: ShapesModel, references):
+    """(recognised, total): uncached samples whose nearest template is the asked condition."""
+    latent_format = model.patcher.model.latent_format
+    hits = sum(recognised_condition(latent, model.world, latent_format) == condition
+               for (condition, _), latent in references.items())
+    return hits, len(references)
+
+
+def device_description():
+    import comfy.model_management
+
+    device = comfy.model_management.get_torch_device()
+    name = platform.processor() or platform.machine()
+    return f"{device} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def pack_revision(pack_dir):
+    """The measured pack's git commit, naming node or kernel files that differ from it."""
+    import subprocess
+
+    def git(*arguments):
+        done = subprocess.run(["git", "-C", pack_dir, *arguments], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", "nodes", "kernels", "__init__.py").splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return f"{pack_dir} (not a git checkout)"
+    if changed:
+        return f"commit {commit} with uncommitted changes to {', '.join(line[3:] for line in changed)}"
+    return f"commit {commit}"
+
+
+def render_docs(points, model: ShapesModel, command, recognition, conditions, seeds, steps, seconds, pack_dir=PACK_DIR):
+    recommended = recommended_threshold(points)
+    qualifying = [f"{p.threshold:.2f}" for p in points if p.qualifies()]
+    hits, total = recognition
+    lines = [
+        "# First Block Cache fidelity",
+        "",
+        "How far Apply First Block Cache moves FLUX's sampled images from the uncached ones, per threshold.",
+        "Generated by `scripts/fidelity.py`; every number below is measured by that run.",
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Device: {device_description()}; the run took {seconds:.0f} s",
+        f"- Model: `{os.path.relpath(model.path, PACK_DIR)}`, {model.describe()}.",
+        f"- Sampling: ComfyUI's KSampler node, {steps} steps, Euler, scheduler \"simple\", cfg 1.0, FLUX guidance "
+        f"{model.metadata['guidance']} in the conditioning, 16-channel latents.",
+        f"- Cache: the pack's Apply First Block Cache node ({pack_revision(pack_dir)}) at each threshold, its other "
+        f"inputs at their defaults; skipped share of steps from the node's own log report.",
+        f"- Cases: {len(conditions)} prompts x {len(seeds)} seeds (seeds {', '.join(map(str, seeds))}): "
+        + "; ".join(f'"{c.prompt()}"' for c in conditions) + ".",
+        f"- The model draws what it is asked: {hits}/{total} uncached samples have the asked prompt's drawing as "
+        f"nearest template (cosine similarity, per-channel means removed) among all {len(ALL_CONDITIONS)} prompts.",
+        "",
+        "## Curve",
+        "",
+        "PSNR: peak = dynamic range (max - min) of the uncached reference latent. SSIM: Gaussian window "
+        f"{SSIM_WINDOW} px, sigma {SSIM_SIGMA}, per channel, averaged. \"identical\": the cached run reused no step.",
+        f"Qualifies: skips at least {100 * MIN_SKIPPED_FRACTION:.0f} % of the steps with mean PSNR at least "
+        f"{MIN_MEAN_PSNR_DB:.0f} dB.",
+        "",
+        "| threshold | skipped steps | mean PSNR (dB) | min PSNR (dB) | mean SSIM | qualifies |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *[format_row(p) for p in points],
+        "",
+        "## Recommended default",
+        "",
+    ]
+    if recommended is None:
+        lines.append("No measured threshold qualifies.")
+    else:
+        lines.append(f"**{recommended:.2f}**: of the qualifying thresholds ({', '.join(qualifying)}), the one that "
+                     f"skips most, preferring FLUX.1-dev's usual range {FLUX_DEV_PRACTICE[0]}-{FLUX_DEV_PRACTICE[1]} "
+                     "when a threshold there qualifies. tests/test_fidelity.py asserts the criterion at the node's "
+                     "default, on seeds held out from this table.")
+    smallest = min(points, key=lambda p: p.threshold)
+    if smallest.skipped_fraction >= 0.9:
+        lines += ["", f"Warning: even the smallest threshold ({smallest.threshold:.2f}) skips nearly every step. On a "
+                  "trained model the first block's residual changes every step, so the node is reading that change "
+                  "as zero (see tests/test_fidelity.py::test_tiny_threshold_reuses_almost_nothing)."]
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "- LPIPS is not reported: no usable offline LPIPS package is available in this environment, and LPIPS needs "
+        "pretrained network weights that would have to be downloaded.",
+        "- The metrics compare latents, not decoded pixels: the model is a 16-channel latent model with no VAE.",
+        "- The model is small and trained on simple drawings, so its residuals change more smoothly between steps "
+        "than FLUX.1-dev's may; the curve shows the node's behaviour on a trained FLUX of ComfyUI's own classes, "
+        "not FLUX.1-dev's exact numbers.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="First Block Cache fidelity curve on the trained tiny FLUX.")
+    parser.add_argument("--write-docs", action="store_true", help=f"write {os.path.relpath(DOCS_PATH, PACK_DIR)}")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
+    parser.add_argument("--conditions", type=int, default=DEFAULT_CONDITION_COUNT, help="how many prompts")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS)
+    parser.add_argument("--comfyui", default=train_tiny_flux.DEFAULT_COMFYUI_DIR)
+    parser.add_argument("--pack", default=PACK_DIR,
+                        help="the pack checkout whose node is measured (e.g. a candidate fix)")
+    args = parser.parse_args(argv)
+
+    setup_comfyui(args.comfyui, args.pack)
+    torch.set_num_threads(train_tiny_flux.THREADS)
+    started = time.time()
+    model = load_shapes_model(args.weights)
+    conditions = spread_conditions(args.conditions)
+    references = reference_samples(model, cases_of(conditions, args.seeds), args.steps)
+    recognition = recognition_summary(model, references)
+    print(f"recognised {recognition[0]}/{recognition[1]} uncached samples")
+    print("| threshold | skipped steps | mean PSNR (dB) | min PSNR (dB) | mean SSIM | qualifies |")
+    points = cache_curve(args.thresholds, args.seeds, conditions, args.steps, model, references, log=print)
+    print(f"recommended default: {recommended_threshold(points)}")
+    if args.write_docs:
+        command = "python scripts/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        text = render_docs(points, model, command.strip(), recognition, conditions, args.seeds, args.steps,
+                           time.time() - started, args.pack)
+        os.makedirs(os.path.dirname(DOCS_PATH), exist_ok=True)
+        with open(DOCS_PATH, "w") as f:
+            f.write(text)
+        print(f"wrote {DOCS_PATH}")
+
+
+if __name__ == "__main__":
+    main()
