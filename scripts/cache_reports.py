@@ -27,7 +27,7 @@ class CacheReportRecorder(logging.Handler):
     def __enter__(self):
         root = logging.getLogger()
         self._previous_level = root.level
-        root.setLevel(min(root.level or logging.INFO, logging.INFO))
+        root.setLevel(min(root.getEffectiveLevel(), logging.INFO))
         root.addHandler(self)
         return self
 

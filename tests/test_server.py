@@ -1,4 +1,5 @@
 """End to end through the real ComfyUI server: /object_info, /prompt, /history, the websocket."""
+import json
 import os
 
 import pytest
@@ -43,3 +44,51 @@ def test_bad_window_fails_validation_and_the_server_stays_up(comfy_server):
     with pytest.raises(PromptFailed, match="must not be greater than end_percent"):
         comfy_server.queue(text_to_image([bad]))
     assert comfy_server.get("/system_stats")["system"]["comfyui_version"] == "0.30.0"
+
+
+WORKFLOWS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
+MODEL_FILE_INPUTS = ("unet_name", "clip_name1", "clip_name2", "vae_name")  # FLUX.1-dev files are not on CI
+
+
+def input_errors(node_id, node, object_info, workflow):
+    spec = object_info[node["class_type"]]
+    declared = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
+    errors = [f"{node_id}: missing {name}" for name in spec["input"].get("required", {}) if name not in node["inputs"]]
+    for name, value in node["inputs"].items():
+        if name not in declared:
+            errors.append(f"{node_id}: unknown input {name}")
+            continue
+        kind, options = declared[name][0], declared[name][1] if len(declared[name]) > 1 else {}
+        if isinstance(value, list):
+            source = workflow[value[0]]
+            output_type = object_info[source["class_type"]]["output"][value[1]]
+            if output_type != kind:
+                errors.append(f"{node_id}.{name}: {output_type} linked into {kind}")
+        elif isinstance(kind, list) and name not in MODEL_FILE_INPUTS and value not in kind:
+            errors.append(f"{node_id}.{name}: {value!r} is not one of its options")
+        elif kind in ("INT", "FLOAT") and not options.get("min", value) <= value <= options.get("max", value):
+            errors.append(f"{node_id}.{name}: {value} outside [{options.get('min')}, {options.get('max')}]")
+    return errors
+
+
+@pytest.mark.parametrize("filename", sorted(f for f in os.listdir(WORKFLOWS_DIR) if f.endswith(".api.json")))
+def test_shipped_api_workflows_match_the_server(comfy_server, filename):
+    with open(os.path.join(WORKFLOWS_DIR, filename)) as f:
+        workflow = json.load(f)
+    object_info = comfy_server.get("/object_info")
+    unknown = {node["class_type"] for node in workflow.values()} - object_info.keys()
+    assert not unknown, f"node types this ComfyUI does not have: {unknown}"
+    errors = [error for node_id, node in workflow.items() for error in input_errors(node_id, node, object_info, workflow)]
+    assert not errors
+
+
+def test_the_workflow_check_catches_mistakes(comfy_server):
+    with open(os.path.join(WORKFLOWS_DIR, "flux1-dev-first-block-cache.api.json")) as f:
+        workflow = json.load(f)
+    workflow["8"]["inputs"]["sampler_name"] = "no_such_sampler"
+    workflow["7"]["inputs"]["residual_diff_threshold"] = 5.0
+    del workflow["8"]["inputs"]["seed"]
+    workflow["10"]["inputs"]["vae"] = ["1", 0]
+    object_info = comfy_server.get("/object_info")
+    errors = [error for node_id, node in workflow.items() for error in input_errors(node_id, node, object_info, workflow)]
+    assert len(errors) == 4, errors
