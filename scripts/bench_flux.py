@@ -70,9 +70,7 @@ def flux_dev_state_dict(depth, depth_single_blocks, device):
     import comfy.ldm.flux.model
     import comfy.ops
 
-    config = flux_fixtures.tiny_flux_unet_config(hidden_size=3072, depth=depth, depth_single_blocks=depth_single_blocks,
-                                                 context_in_dim=4096, vec_in_dim=768)
-    config.update(axes_dim=[16, 56, 56], num_heads=24)
+    config = flux_fixtures.flux_dev_width_unet_config(depth, depth_single_blocks, context_in_dim=4096)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = comfy.ldm.flux.model.Flux(**config, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
     randomize_like_trained(model, torch.Generator(device=device).manual_seed(0))

@@ -84,6 +84,14 @@ def randomize_(module, seed):
     return module
 
 
+def flux_dev_width_unet_config(depth, depth_single_blocks, context_in_dim):
+    """FLUX.1-dev's widths (hidden 3072, 24 heads of 128, its RoPE axes) with the given depth and text width."""
+    config = tiny_flux_unet_config(hidden_size=3072, depth=depth, depth_single_blocks=depth_single_blocks,
+                                   context_in_dim=context_in_dim, vec_in_dim=768)
+    config.update(axes_dim=[16, 56, 56], num_heads=24)
+    return config
+
+
 def tiny_flux_patcher(seed=0, dtype=torch.float32, **config):
     """A real ComfyUI ModelPatcher around a tiny FLUX with deterministic random weights."""
     import comfy.model_management
@@ -105,10 +113,7 @@ def detectable_flux_state_dict(seed=0):
     import comfy.ldm.flux.model
     import comfy.ops
 
-    config = tiny_flux_unet_config(hidden_size=3072, depth=1, depth_single_blocks=1, context_in_dim=768,
-                                   vec_in_dim=768)
-    config["axes_dim"] = [16, 56, 56]
-    config["num_heads"] = 24
+    config = flux_dev_width_unet_config(depth=1, depth_single_blocks=1, context_in_dim=768)
     model = comfy.ldm.flux.model.Flux(**config, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
     return randomize_(model, seed).state_dict()
 
