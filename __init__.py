@@ -10,6 +10,7 @@ import logging
 
 CAPABILITY_MODULES = {
     "first_block_cache": "FirstBlockCacheExtension",
+    "compile": "CompileExtension",
 }
 
 

@@ -7,7 +7,6 @@ Hook-up, all through ComfyUI's extension points:
 - an OUTER_SAMPLE wrapper gives every sampling run a fresh cache and reports what it did;
 - a CALC_COND_BATCH wrapper marks each model evaluation, so cond and uncond share one decision.
 """
-import logging
 from dataclasses import dataclass
 from typing import Hashable, Optional
 
@@ -20,7 +19,8 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..kernels.first_block_cache import FirstBlockCache
 from . import flux_layout
-from .reporting import report_to_sampler_node
+from .patcher_hooks import set_wrapper
+from .reporting import report_run
 
 SETTINGS_KEY = "fluxaccel.first_block_cache"
 RUN_KEY = "fluxaccel.first_block_cache.run"
@@ -158,9 +158,7 @@ def sample_with_fresh_cache(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options
-        summary = f"First Block Cache (threshold {settings.residual_diff_threshold}): {run.cache.stats.summary()}"
-        logging.info(summary)
-        report_to_sampler_node(summary)
+        report_run(f"First Block Cache (threshold {settings.residual_diff_threshold}): {run.cache.stats.summary()}")
 
 
 class ApplyFirstBlockCache(io.ComfyNode):
@@ -216,8 +214,7 @@ class ApplyFirstBlockCache(io.ComfyNode):
         install_cache_blocks(patched, double_blocks, single_blocks)
         for wrapper_type, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, sample_with_fresh_cache),
                                       (comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, start_model_evaluation)):
-            patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
-            patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)
+            set_wrapper(patched, wrapper_type, WRAPPER_KEY, wrapper)
         return io.NodeOutput(patched)
 
 

@@ -4,6 +4,12 @@ import logging
 from comfy_execution.utils import get_executing_context
 
 
+def report_run(summary):
+    """What a node did in one sampling run: into ComfyUI's log and onto the sampler node."""
+    logging.info(summary)
+    report_to_sampler_node(summary)
+
+
 def report_to_sampler_node(text):
     """Shows `text` on the node being executed (the sampler) in the graph editor, when a server runs."""
     context = get_executing_context()

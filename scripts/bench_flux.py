@@ -9,12 +9,16 @@ run (its time is the first-run overhead), then `--runs` timed runs (median repor
 Variants:
   core-bf16, core-fp8fast            ComfyUI alone: bf16 weights; fp8_e4m3fn weights with fp8_optimizations
   core-bf16+compile, core-fp8fast+compile   the same under core TorchCompileModel (inductor)
+  <any>+fluxaccel-compile            the variant under the pack's Compile FLUX (regional, default mode)
   fbc-<threshold>                    Apply First Block Cache at that threshold (random weights: the
                                      skip ratio says little about a trained model)
   fbc-0                              the cache's hooks with nothing reused: cost of a computed step
   fbc-alternate                      no threshold, max 1 reuse in a row: every other step reused
   fbc-all                            no threshold, no limit: one computed step, the rest reused
 Needs a CUDA GPU for FLUX.1-dev shapes; `--tiny` runs one double + one single block on the CPU.
+Compiled graphs persist in <ComfyUI>/user/fluxaccel/torch-compile-cache: a second process running the
+same variant shows the warm-restart overhead as its first run. `--passes 2` samples the resolutions
+twice with the same model: the second pass must compile nothing (the rows' graphs_compiled).
 """
 import argparse
 import json
@@ -47,6 +51,7 @@ def parse_args():
                         help="comma list, e.g. 512,768,1024,1536: each variant is loaded once and sampled at each")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=1, help="times the resolution list is sampled with each model")
     parser.add_argument("--tiny", action="store_true", help="one double + one single block, for a CPU smoke run")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", default=None, help="write the results as a markdown table here")
@@ -95,15 +100,20 @@ def conditioning():
 
 def apply_variant(model, variant):
     from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from fluxaccel.nodes.compile import CompileFlux
     from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
 
-    for part in variant.split("+")[1:] if variant.startswith("core-") else []:
+    base, *modifiers = variant.split("+")
+    for part in modifiers:
         if part == "compile":
             model = model.clone()
             set_torch_compile_wrapper(model=model, backend="inductor")
-    if variant.startswith("fbc-"):
-        name = variant.split("+")[0]
-        threshold, max_hits = FBC_FIXED_PATTERNS[name] if name in FBC_FIXED_PATTERNS else (float(name[len("fbc-"):]), 0)
+        elif part == "fluxaccel-compile":
+            model = CompileFlux.execute(model, "default", "automatic").result[0]
+        else:
+            raise ValueError(f"unknown variant part {part!r} in {variant!r}")
+    if base.startswith("fbc-"):
+        threshold, max_hits = FBC_FIXED_PATTERNS[base] if base in FBC_FIXED_PATTERNS else (float(base[len("fbc-"):]), 0)
         model = ApplyFirstBlockCache.execute(model, threshold, 0.0, 1.0, max_hits).result[0]
     return model
 
@@ -118,7 +128,7 @@ def timed_sample(model, resolution, steps):
     with CacheReportRecorder() as recorder:
         (out,) = nodes.common_ksampler(model, 7, steps, 1.0, "euler", "simple", positive, negative, latent)
     synchronize()
-    return time.perf_counter() - started, out["samples"].float(), recorder.reports
+    return time.perf_counter() - started, out["samples"].float(), recorder
 
 
 def synchronize():
@@ -130,17 +140,20 @@ def measure(model, resolution, args, reference):
     """Warm-up run, then `args.runs` timed runs of one model at one resolution."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    first_seconds, _, _ = timed_sample(model, resolution, args.steps)
+    first_seconds, _, first_recorder = timed_sample(model, resolution, args.steps)
     timings = [timed_sample(model, resolution, args.steps) for _ in range(args.runs)]
     seconds = sorted(t for t, _, _ in timings)
-    _, samples, reports = timings[-1]
+    _, samples, recorder = timings[-1]
     row = {
         "resolution": resolution,
         "median_s": round(seconds[len(seconds) // 2], 3),
         "times_s": [round(t, 3) for t in seconds],
         "first_run_s": round(first_seconds, 2),
         "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-        "steps_reused": reports[-1][2] if reports else 0,
+        "steps_reused": recorder.reports[-1][2] if recorder.reports else 0,
+        # Graphs Compile FLUX compiled in the warm-up run and in the timed runs (None: not compiled by it).
+        "graphs_compiled": None if not first_recorder.graphs_compiled else
+        [sum(first_recorder.graphs_compiled), sum(sum(r.graphs_compiled) for _, _, r in timings)],
         "rel_error_vs_first_variant": None if reference is None else
         round(((samples - reference).norm() / reference.norm()).item(), 4),
     }
@@ -153,11 +166,12 @@ def run_variant(state_dict, variant, args, references):
 
     model = apply_variant(load_model(state_dict, fp8="fp8fast" in variant), variant)
     rows = []
-    for resolution in args.resolutions:
-        row, samples = measure(model, resolution, args, references.get(resolution))
-        references.setdefault(resolution, samples)
-        rows.append({"variant": variant, **row})
-        print(json.dumps(rows[-1]), flush=True)
+    for sweep_pass in range(1, args.passes + 1):
+        for resolution in args.resolutions:
+            row, samples = measure(model, resolution, args, references.get(resolution))
+            references.setdefault(resolution, samples)
+            rows.append({"variant": variant, "pass": sweep_pass, **row})
+            print(json.dumps(rows[-1]), flush=True)
     del model
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()

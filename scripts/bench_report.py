@@ -2,16 +2,17 @@
 
 A report is the caller's metadata (at least "steps"), a "rows" list and, computed here from the rows,
 "fbc_step_costs". Each row is one variant at one resolution: "variant", "resolution", then either
-the timings (median_s, times_s, first_run_s, peak_vram_gb, steps_reused, rel_error_vs_first_variant;
-speedup_vs_first_variant is added here) or, for a variant that failed, "error". Same rows in both
-scripts, so their JSONs tabulate together.
+the timings (median_s, times_s, first_run_s, peak_vram_gb, steps_reused, rel_error_vs_first_variant,
+and where Compile FLUX ran, graphs_compiled [in the warm-up run, in the timed runs] and the sweep's
+"pass"; speedup_vs_first_variant is added here) or, for a variant that failed, "error". Same rows in
+both scripts, so their JSONs tabulate together.
 """
 import json
 
 TABLE_HEADER = [
     "| variant | resolution | warm median (s) | speedup | first run (s) | peak VRAM (GB) | steps reused | "
-    "rel. error vs first |",
-    "|---|---|---|---|---|---|---|---|",
+    "rel. error vs first | graphs compiled (warm-up, timed) |",
+    "|---|---|---|---|---|---|---|---|---|",
 ]
 
 
@@ -48,11 +49,13 @@ def step_costs(rows, steps):
 
 
 def table_row(row, steps):
+    resolution = f"{row['resolution']}²" + (f" (pass {row['pass']})" if row.get("pass", 1) > 1 else "")
     if "error" in row:
-        return f"| {row['variant']} | {row['resolution']}² | failed: {row['error']} | | | | | |"
-    return (f"| {row['variant']} | {row['resolution']}² | {row['median_s']} | {row['speedup_vs_first_variant']}× | "
+        return f"| {row['variant']} | {resolution} | failed: {row['error']} | | | | | | |"
+    graphs = row.get("graphs_compiled")
+    return (f"| {row['variant']} | {resolution} | {row['median_s']} | {row['speedup_vs_first_variant']}× | "
             f"{row['first_run_s']} | {row['peak_vram_gb']} | {row['steps_reused']}/{steps} | "
-            f"{row['rel_error_vs_first_variant']} |")
+            f"{row['rel_error_vs_first_variant']} | {', '.join(map(str, graphs)) if graphs else ''} |")
 
 
 def markdown_table(report, title):

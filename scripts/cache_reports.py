@@ -1,8 +1,10 @@
-"""Reading First Block Cache's run reports ("computed C/N steps, reused R/N") back from the log."""
+"""Reading the pack's per-run reports back from the log: First Block Cache's "computed C/N steps,
+reused R/N" and Compile FLUX's "N graphs compiled this run"."""
 import logging
 import re
 
 SUMMARY_PATTERN = re.compile(r"First Block Cache \(threshold [^)]*\): computed (\d+)/(\d+) steps, reused (\d+)/\d+")
+COMPILE_PATTERN = re.compile(r"Compile FLUX: (?:(\d+) graphs compiled|no graph compiled)")
 
 
 def parse_cache_report(text):
@@ -11,18 +13,32 @@ def parse_cache_report(text):
     return tuple(int(group) for group in match.groups()) if match else None
 
 
+def parse_compile_report(text):
+    """Graphs compiled in the run one Compile FLUX report line describes, or None if it is no report."""
+    match = COMPILE_PATTERN.search(text)
+    if match is None:
+        return None
+    return int(match.group(1) or 0)
+
+
 class CacheReportRecorder(logging.Handler):
-    """Collects the reports logged while it is attached to the root logger (`with CacheReportRecorder() as r`)."""
+    """Collects the reports logged while it is attached to the root logger (`with CacheReportRecorder() as r`):
+    `reports` from First Block Cache, `graphs_compiled` from Compile FLUX, one entry per sampling run."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.reports = []
+        self.graphs_compiled = []
         self._previous_level = None
 
     def emit(self, record):
-        report = parse_cache_report(record.getMessage())
+        message = record.getMessage()
+        report = parse_cache_report(message)
         if report is not None:
             self.reports.append(report)
+        graphs = parse_compile_report(message)
+        if graphs is not None:
+            self.graphs_compiled.append(graphs)
 
     def __enter__(self):
         root = logging.getLogger()

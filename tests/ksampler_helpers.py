@@ -1,6 +1,7 @@
 """Sampling through ComfyUI's own KSampler node on tiny FLUX models."""
 import torch
 
+import comfy.sd
 import nodes
 from cache_reports import parse_cache_report
 
@@ -30,3 +31,19 @@ def cache_summaries(caplog):
 
 def relative_error(actual, expected):
     return ((actual - expected).abs().mean() / expected.abs().mean()).item()
+
+
+def tiny_lora(model, rank=2, seed=5):
+    """A LoRA in ComfyUI's generic key format for two of the tiny FLUX's layers."""
+    generator = torch.Generator().manual_seed(seed)
+    lora = {}
+    for layer in ("double_blocks.0.img_attn.qkv", "single_blocks.1.linear1"):
+        weight = model.get_model_object(f"diffusion_model.{layer}").weight
+        lora[f"diffusion_model.{layer}.lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=generator)
+        lora[f"diffusion_model.{layer}.lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=generator)
+    return lora
+
+
+def with_lora(model, lora, strength):
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
+    return patched

@@ -4,10 +4,9 @@ import logging
 import pytest
 import torch
 
-import comfy.sd
 from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
 from flux_fixtures import tiny_flux_patcher
-from ksampler_helpers import cache_summaries, conditioning, ksample, relative_error
+from ksampler_helpers import cache_summaries, conditioning, ksample, relative_error, tiny_lora, with_lora
 
 
 @pytest.fixture
@@ -128,22 +127,6 @@ def test_applying_twice_keeps_one_cache(caplog_info):
     twice = ksample(with_cache(with_cache(model, ALWAYS_REUSE), REUSING_THRESHOLD))
     assert torch.equal(once, twice), "the second node's settings replace the first's"
     assert len(cache_summaries(caplog_info)) == 2
-
-
-def tiny_lora(model, rank=2, seed=5):
-    """A LoRA in ComfyUI's generic key format for two of the tiny FLUX's layers."""
-    generator = torch.Generator().manual_seed(seed)
-    lora = {}
-    for layer in ("double_blocks.0.img_attn.qkv", "single_blocks.1.linear1"):
-        weight = model.get_model_object(f"diffusion_model.{layer}").weight
-        lora[f"diffusion_model.{layer}.lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=generator)
-        lora[f"diffusion_model.{layer}.lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=generator)
-    return lora
-
-
-def with_lora(model, lora, strength):
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
-    return patched
 
 
 @pytest.mark.parametrize("threshold", [0.0, REUSING_THRESHOLD])

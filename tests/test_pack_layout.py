@@ -13,6 +13,7 @@ pack = importlib.util.module_from_spec(spec)
 sys.modules["pack"] = pack
 spec.loader.exec_module(pack)
 import pack.kernels.first_block_cache
+import pack.kernels.regional_compile
 assert callable(pack.comfy_entrypoint)
 assert not hasattr(pack, "NODE_CLASS_MAPPINGS"), "ComfyUI would take V1 mappings and ignore comfy_entrypoint"
 assert not [name for name in sys.modules if name.split(".")[0] in ("comfy", "comfy_api", "nodes")]

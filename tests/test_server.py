@@ -13,13 +13,17 @@ pytestmark = pytest.mark.server
 
 FBC_NODE = ("FluxAccelFirstBlockCache",
             {"residual_diff_threshold": 0.5, "start_percent": 0.0, "end_percent": 1.0, "max_consecutive_hits": 0})
+COMPILE_NODE = ("FluxAccelCompile", {"mode": "default", "dynamic_shapes": "automatic"})
 
 
-def test_object_info_lists_the_pack_under_one_category(comfy_server):
-    info = comfy_server.get("/object_info")
-    node = info["FluxAccelFirstBlockCache"]
+@pytest.mark.parametrize("node_id, display_name", [
+    ("FluxAccelFirstBlockCache", "Apply First Block Cache"),
+    ("FluxAccelCompile", "Compile FLUX"),
+])
+def test_object_info_lists_the_pack_under_one_category(comfy_server, node_id, display_name):
+    node = comfy_server.get("/object_info")[node_id]
     assert node["category"] == "FLUX acceleration"
-    assert node["display_name"] == "Apply First Block Cache"
+    assert node["display_name"] == display_name
     assert "comfyui-fluxaccel" in node["python_module"]
     assert all(spec[1].get("tooltip") for spec in node["input"]["required"].values())
 
@@ -37,6 +41,12 @@ def test_first_block_cache_reports_on_the_sampler_node(comfy_server):
     assert report.startswith("First Block Cache (threshold 0.5): computed ")
     assert "/6 steps" in report
     assert report in comfy_server.log()
+
+
+def test_compiled_and_cached_model_reports_both_on_the_sampler_node(comfy_server):
+    _, texts = comfy_server.run_showing_node_texts(text_to_image([COMPILE_NODE, FBC_NODE], steps=4, seed=8))
+    assert sorted(text.split(":")[0] for text in texts["sampler"]) == ["Compile FLUX", "First Block Cache (threshold 0.5)"]
+    assert os.path.isdir(os.path.join(COMFYUI_DIR, "user", "fluxaccel", "torch-compile-cache"))
 
 
 def test_bad_window_fails_validation_and_the_server_stays_up(comfy_server):

@@ -1,0 +1,84 @@
+"""torch.compile of a model's repeated blocks, with the counts that show it did not recompile.
+
+Regional compilation: blocks of one kind run the same code on weights of the same shapes, and
+since torch 2.5 Dynamo treats a module's parameters as graph inputs, so one traced graph serves
+every block of a kind. Compiling two graphs instead of a whole model is what makes the cold start
+short, and parameters as inputs are why changed weights (a LoRA) need no recompilation.
+"""
+import functools
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# torch.compile's `dynamic`: None marks a dimension dynamic once it is seen to change (one
+# recompilation per shape class), True compiles shape-generic graphs from the start, False
+# compiles one graph per shape.
+DYNAMIC_SHAPES = {"automatic": None, "dynamic": True, "static": False}
+# Every FLUX in the process runs the same block code, so Dynamo's limit on cached graphs per code
+# object (8 by default) is shared by all workflows: each settings combination, model variant (with
+# First Block Cache or without) and shape class adds graphs, and past the limit Dynamo runs the
+# blocks eagerly without saying so in ComfyUI's log.
+RECOMPILE_LIMIT = 64
+
+
+@dataclass
+class CompileCounter:
+    graphs: int = 0
+    seconds: float = 0.0
+
+
+class CountingInductorBackend:
+    """Inductor as a torch.compile backend that counts what it is given: every call is one graph
+    (re)compiled, whether inductor builds it or finds it in its on-disk cache."""
+
+    def __init__(self, mode="default", dynamic_shapes="automatic"):
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}.")
+        if dynamic_shapes not in DYNAMIC_SHAPES:
+            raise ValueError(f"dynamic shapes must be one of {', '.join(DYNAMIC_SHAPES)}, got {dynamic_shapes!r}.")
+        self.mode = mode
+        self.dynamic = DYNAMIC_SHAPES[dynamic_shapes]
+        self.inductor_options = torch._inductor.list_mode_options(mode, self.dynamic)
+        self.counter = CompileCounter()
+
+    def __call__(self, graph_module, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        started = time.perf_counter()
+        compiled = compile_fx(graph_module, example_inputs, config_patches=self.inductor_options)
+        self.counter.graphs += 1
+        self.counter.seconds += time.perf_counter() - started
+        return compiled
+
+
+@functools.lru_cache(maxsize=None)
+def shared_inductor_backend(mode="default", dynamic_shapes="automatic"):
+    """The process's one backend for these settings. Dynamo keys its cached graphs on the backend
+    object, so a new backend at every node execution would compile everything again."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return CountingInductorBackend(mode, dynamic_shapes)
+
+
+def graph_break_count():
+    """Graph breaks Dynamo has met in this process so far (all compiled code, not one model)."""
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+def use_persistent_compile_cache(folder):
+    """Points inductor's on-disk caches (compiled graphs, Triton kernels, autotuning) at `folder`,
+    unless the user chose a folder with TORCHINDUCTOR_CACHE_DIR. Returns the folder in use.
+
+    The default folder lies under the system's temporary directory, which does not survive a reboot;
+    a second process that finds the graphs there compiles in seconds.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # Inductor writes its default into the variable on first use: that is not the user's choice.
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.makedirs(folder, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(folder)
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]

@@ -1,0 +1,105 @@
+"""Compile FLUX: torch.compile of FLUX's transformer blocks, one graph per block kind.
+
+Hook-up, through ComfyUI's own extension points:
+- `comfy_api.torch_helpers.set_torch_compile_wrapper` with one key per block: its APPLY_MODEL
+  wrapper swaps the compiled blocks in for each model call and back after it, so clones stay
+  independent. What runs between blocks stays eager: First Block Cache's decision and other packs'
+  block replacements call the compiled blocks; LoRA patches change parameters, which are graph
+  inputs, so a new strength needs no recompilation. It replaces core TorchCompileModel's wrapper
+  (the same key): one compile per model.
+- an OUTER_SAMPLE wrapper reports, per sampling run, the graphs compiled and the graph breaks met.
+The compiled graphs persist in ComfyUI's user folder, so a restarted ComfyUI compiles in seconds.
+"""
+import os
+
+from typing_extensions import override
+
+import comfy.patcher_extension
+import folder_paths
+from comfy_api.latest import ComfyExtension, io
+from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+from ..kernels.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, CountingInductorBackend, graph_break_count,
+                                        shared_inductor_backend, use_persistent_compile_cache)
+from . import flux_layout
+from .patcher_hooks import set_wrapper
+from .reporting import report_run
+
+NODE_NAME = "Compile FLUX"
+BACKEND_KEY = "fluxaccel.compile"
+WRAPPER_KEY = "fluxaccel.compile"
+
+
+def compile_cache_folder():
+    return os.path.join(folder_paths.get_user_directory(), "fluxaccel", "torch-compile-cache")
+
+
+def block_keys(double_blocks, single_blocks):
+    """The ComfyUI model paths of FLUX's blocks, as `set_torch_compile_wrapper` takes them."""
+    return ([f"diffusion_model.double_blocks.{i}" for i in range(double_blocks)]
+            + [f"diffusion_model.single_blocks.{i}" for i in range(single_blocks)])
+
+
+def compile_summary(graphs, graph_breaks, inductor_seconds):
+    if graphs == 0:
+        return "Compile FLUX: no graph compiled this run (all shapes seen before)"
+    return (f"Compile FLUX: {graphs} graphs compiled this run ({inductor_seconds:.1f} s in inductor), "
+            f"{graph_breaks} graph breaks")
+
+
+def sample_with_compile_report(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: counts what this sampling run compiled and reports it."""
+    backend: CountingInductorBackend = executor.class_obj.model_options[BACKEND_KEY]
+    graphs, seconds, breaks = backend.counter.graphs, backend.counter.seconds, graph_break_count()
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        report_run(compile_summary(backend.counter.graphs - graphs, graph_break_count() - breaks,
+                                   backend.counter.seconds - seconds))
+
+
+class CompileFlux(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FluxAccelCompile",
+            display_name=NODE_NAME,
+            category="FLUX acceleration",
+            description=(
+                "Compiles FLUX's transformer blocks with torch.compile (inductor): one graph for the double "
+                "blocks and one for the single blocks, reused by all of them, so the first run compiles in "
+                "seconds rather than minutes. Compiled graphs are kept in ComfyUI's user folder for the next "
+                "start. The sampler node shows how many graphs each run compiled."),
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX model (FLUX.1-dev, FLUX.1-schnell or another of ComfyUI's Flux class)."),
+                io.Combo.Input(
+                    "mode", options=list(COMPILE_MODES), default="default",
+                    tooltip=("default: fast compile. max-autotune-no-cudagraphs: benchmarks kernel choices while "
+                             "compiling: a longer first run, sometimes a little faster after.")),
+                io.Combo.Input(
+                    "dynamic_shapes", options=list(DYNAMIC_SHAPES), default="automatic",
+                    tooltip=("automatic: the first size compiles fixed-shape graphs, a second size recompiles them "
+                             "once as size-generic graphs that serve every later resolution, batch and prompt length. "
+                             "dynamic: size-generic from the first run. static: one graph set per size (a recompile "
+                             "for each new resolution or batch).")),
+            ],
+            outputs=[io.Model.Output(tooltip="The same model; its blocks run compiled while sampling.")],
+        )
+
+    @classmethod
+    def execute(cls, model, mode, dynamic_shapes) -> io.NodeOutput:
+        diffusion_model = flux_layout.flux_diffusion_model(model, NODE_NAME)
+        backend = shared_inductor_backend(mode, dynamic_shapes)
+        use_persistent_compile_cache(compile_cache_folder())
+        patched = model.clone()
+        set_torch_compile_wrapper(patched, backend=backend, dynamic=backend.dynamic,
+                                  keys=block_keys(*flux_layout.block_counts(diffusion_model)))
+        patched.model_options[BACKEND_KEY] = backend
+        set_wrapper(patched, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sample_with_compile_report)
+        return io.NodeOutput(patched)
+
+
+class CompileExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [CompileFlux]

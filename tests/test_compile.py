@@ -1,0 +1,192 @@
+"""Compile FLUX through ComfyUI's real ModelPatcher and KSampler, compiled by inductor on the CPU."""
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import comfy.ldm.modules.attention
+import folder_paths
+from conftest import COMFYUI_DIR, PACK_DIR
+from fluxaccel.kernels.regional_compile import use_persistent_compile_cache
+from fluxaccel.nodes.compile import CompileFlux, compile_cache_folder
+from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
+from cache_reports import parse_compile_report
+from flux_fixtures import tiny_flux_patcher
+from ksampler_helpers import cache_summaries, conditioning, ksample, relative_error, tiny_lora, with_lora
+
+# fp32 on the CPU: inductor's fused kernels reorder sums, nothing more.
+FP32_ROUNDING = 1e-5
+
+
+@pytest.fixture
+def caplog_info(caplog):
+    caplog.set_level(logging.INFO)
+    return caplog
+
+
+def pytorch_attention(attention_function, *args, **kwargs):
+    return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
+
+
+def gpu_like_flux(**config):
+    """The tiny FLUX with PyTorch's SDPA attention, as ComfyUI picks on GPUs. On the CPU ComfyUI's default
+    is its sub-quadratic attention, which asks psutil for free memory: a graph break in every block."""
+    model = tiny_flux_patcher(**config)
+    model.model_options["transformer_options"]["optimized_attention_override"] = pytorch_attention
+    return model
+
+
+def compiled(model, dynamic_shapes="automatic"):
+    return CompileFlux.execute(model, "default", dynamic_shapes).result[0]
+
+
+def graphs_compiled_per_run(caplog):
+    return [graphs for record in caplog.records if (graphs := parse_compile_report(record.getMessage())) is not None]
+
+
+def graph_break_reports(caplog):
+    return [record.getMessage() for record in caplog.records if "graph breaks" in record.getMessage()]
+
+
+class BlockOutputRecorder:
+    """A block replacement (as another pack would add) that keeps each block's output at the first model call."""
+
+    def __init__(self):
+        self.outputs = {}
+
+    def __call__(self, args, extra):
+        out = extra["original_block"](args)
+        position = (args["transformer_options"]["block_type"], args["transformer_options"]["block_index"])
+        self.outputs.setdefault(position, {name: value.clone() for name, value in out.items()})
+        return out
+
+
+def recording_blocks(model):
+    recorder, recorded = BlockOutputRecorder(), model.clone()
+    for kind, count in (("double", 2), ("single", 3)):
+        for index in range(count):
+            recorded.set_model_patch_replace(recorder, "dit", f"{kind}_block", index)
+    return recorded, recorder
+
+
+def test_compiled_blocks_match_eager_block_by_block(caplog_info):
+    model = gpu_like_flux()
+    eager_model, eager_blocks = recording_blocks(model)
+    compiled_model, compiled_blocks = recording_blocks(compiled(model))
+    eager = ksample(eager_model)
+    assert relative_error(ksample(compiled_model), eager) < FP32_ROUNDING
+    assert set(compiled_blocks.outputs) == set(eager_blocks.outputs) and len(eager_blocks.outputs) == 5
+    for position, outputs in eager_blocks.outputs.items():
+        for name, expected in outputs.items():
+            assert relative_error(compiled_blocks.outputs[position][name], expected) < FP32_ROUNDING, (position, name)
+    assert graphs_compiled_per_run(caplog_info)[0] > 0
+    assert graph_break_reports(caplog_info)[0].endswith(", 0 graph breaks")
+
+
+def test_second_pass_of_a_sweep_compiles_nothing(caplog_info):
+    model = compiled(gpu_like_flux(hidden_size=96))
+    sweep = [dict(size=size) for size in (32, 48, 64, 80, 96)]
+    sweep += [dict(size=48, batch_size=2), dict(size=64, cfg=2.0),
+              dict(size=32, positive=conditioning(tokens=11, seed=3), seed=7)]
+    for settings in sweep:
+        ksample(model, steps=2, **settings)
+    first_pass = graphs_compiled_per_run(caplog_info)
+    assert first_pass[0] > 0 and first_pass[2:5] == [0, 0, 0], "one recompile for the second size, then none"
+    caplog_info.clear()
+    for settings in sweep:
+        ksample(model, steps=2, **settings)
+    assert graphs_compiled_per_run(caplog_info) == [0] * len(sweep)
+
+
+def test_lora_strength_change_is_seen_without_recompiling(caplog_info):
+    model = gpu_like_flux()
+    lora = tiny_lora(model)
+    compiled_model = compiled(model)
+    for strength in (0.5, 1.0):
+        expected = ksample(with_lora(model, lora, strength))
+        assert relative_error(ksample(with_lora(compiled_model, lora, strength)), expected) < FP32_ROUNDING
+    assert graphs_compiled_per_run(caplog_info)[-1] == 0, "a new LoRA strength changes weights, not graphs"
+    assert relative_error(ksample(with_lora(model, lora, 0.5)), ksample(with_lora(model, lora, 1.0))) > 1e-3
+
+
+@pytest.mark.parametrize("cache_first", [True, False])
+def test_composes_with_first_block_cache_in_either_order(cache_first, caplog_info):
+    model = gpu_like_flux()
+
+    def with_cache(m):
+        return ApplyFirstBlockCache.execute(m, 0.8, 0.0, 1.0, 0).result[0]
+
+    expected = ksample(with_cache(model), steps=8)
+    eager_reuse = cache_summaries(caplog_info)[-1]
+    stacked = compiled(with_cache(model)) if cache_first else with_cache(compiled(model))
+    assert relative_error(ksample(stacked, steps=8), expected) < FP32_ROUNDING
+    assert graphs_compiled_per_run(caplog_info), "the blocks ran under Compile FLUX"
+    assert cache_summaries(caplog_info)[-1] == eager_reuse and eager_reuse[2] > 0, "same steps reused as eager"
+
+
+def test_works_with_comfyuis_cpu_attention_despite_graph_breaks(caplog_info):
+    model = tiny_flux_patcher()
+    assert relative_error(ksample(compiled(model), steps=2), ksample(model, steps=2)) < FP32_ROUNDING
+    assert not graph_break_reports(caplog_info)[0].endswith(", 0 graph breaks")
+
+
+def test_input_model_is_untouched():
+    model = gpu_like_flux()
+    before = ksample(model)
+    compiled(model)
+    assert model.model_options.get("fluxaccel.compile") is None
+    assert torch.equal(ksample(model), before)
+
+
+def test_non_flux_model_gets_a_clear_error():
+    model = tiny_flux_patcher()
+    model.add_object_patch("diffusion_model", torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="Compile FLUX supports FLUX.1-dev.*diffusion model is Linear"):
+        compiled(model)
+
+
+def test_bad_option_gets_a_clear_error():
+    with pytest.raises(ValueError, match="dynamic shapes must be one of automatic, dynamic, static"):
+        CompileFlux.execute(tiny_flux_patcher(), "default", "sometimes")
+
+
+def test_cache_folder_is_comfyuis_user_folder_unless_the_user_chose_one(tmp_path, monkeypatch):
+    assert compile_cache_folder().startswith(folder_paths.get_user_directory())
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert use_persistent_compile_cache(str(tmp_path / "ours")) == str(tmp_path / "ours")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "users"))
+    assert use_persistent_compile_cache(str(tmp_path / "ours")) == str(tmp_path / "users")
+
+
+COMPILE_IN_A_FRESH_PROCESS = """
+import json, sys
+sys.path.insert(0, sys.argv[1] + "/scripts")
+sys.path.insert(0, sys.argv[1] + "/tests")
+import flux_fixtures
+flux_fixtures.use_comfyui(sys.argv[2])
+flux_fixtures.import_pack(sys.argv[1])
+import torch
+from test_compile import compiled, gpu_like_flux
+from ksampler_helpers import ksample
+ksample(compiled(gpu_like_flux()), steps=2)
+print(json.dumps(dict(torch._dynamo.utils.counters["inductor"])))
+"""
+
+
+def test_a_second_process_finds_the_compiled_graphs_on_disk(tmp_path):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile-cache")}
+
+    def inductor_counters():
+        result = subprocess.run([sys.executable, "-c", COMPILE_IN_A_FRESH_PROCESS, PACK_DIR, COMFYUI_DIR],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    cold = inductor_counters()
+    warm = inductor_counters()
+    assert cold.get("fxgraph_cache_miss", 0) > 0
+    assert warm.get("fxgraph_cache_miss", 0) == 0 and warm.get("fxgraph_cache_hit", 0) == cold["fxgraph_cache_miss"]
