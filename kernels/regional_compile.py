@@ -20,7 +20,7 @@ DYNAMIC_SHAPES = {"automatic": None, "dynamic": True, "static": False}
 # Every FLUX in the process runs the same block code, so Dynamo's limit on cached graphs per code
 # object (8 by default) is shared by all workflows: each settings combination, model variant (with
 # First Block Cache or without) and shape class adds graphs, and past the limit Dynamo runs the
-# blocks eagerly without saying so in ComfyUI's log.
+# blocks eagerly from then on.
 RECOMPILE_LIMIT = 64
 
 
@@ -39,7 +39,6 @@ class CountingInductorBackend:
             raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}.")
         if dynamic_shapes not in DYNAMIC_SHAPES:
             raise ValueError(f"dynamic shapes must be one of {', '.join(DYNAMIC_SHAPES)}, got {dynamic_shapes!r}.")
-        self.mode = mode
         self.dynamic = DYNAMIC_SHAPES[dynamic_shapes]
         self.inductor_options = torch._inductor.list_mode_options(mode, self.dynamic)
         self.counter = CompileCounter()

@@ -43,7 +43,8 @@ def block_keys(double_blocks, single_blocks):
 def compile_summary(graphs, graph_breaks, inductor_seconds):
     if graphs == 0:
         return "Compile FLUX: no graph compiled this run (all shapes seen before)"
-    return (f"Compile FLUX: {graphs} graphs compiled this run ({inductor_seconds:.1f} s in inductor), "
+    plural = "s" if graphs > 1 else ""
+    return (f"Compile FLUX: {graphs} graph{plural} compiled this run ({inductor_seconds:.1f} s in inductor), "
             f"{graph_breaks} graph breaks")
 
 

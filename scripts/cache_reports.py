@@ -4,7 +4,7 @@ import logging
 import re
 
 SUMMARY_PATTERN = re.compile(r"First Block Cache \(threshold [^)]*\): computed (\d+)/(\d+) steps, reused (\d+)/\d+")
-COMPILE_PATTERN = re.compile(r"Compile FLUX: (?:(\d+) graphs compiled|no graph compiled)")
+COMPILE_PATTERN = re.compile(r"Compile FLUX: (?:(\d+) graphs? compiled|no graph compiled)")
 
 
 def parse_cache_report(text):

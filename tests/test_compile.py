@@ -12,7 +12,7 @@ import comfy.ldm.modules.attention
 import folder_paths
 from conftest import COMFYUI_DIR, PACK_DIR
 from fluxaccel.kernels.regional_compile import use_persistent_compile_cache
-from fluxaccel.nodes.compile import CompileFlux, compile_cache_folder
+from fluxaccel.nodes.compile import BACKEND_KEY, CompileFlux, compile_cache_folder
 from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
 from cache_reports import parse_compile_report
 from flux_fixtures import tiny_flux_patcher
@@ -138,7 +138,7 @@ def test_input_model_is_untouched():
     model = gpu_like_flux()
     before = ksample(model)
     compiled(model)
-    assert model.model_options.get("fluxaccel.compile") is None
+    assert BACKEND_KEY not in model.model_options
     assert torch.equal(ksample(model), before)
 
 
