@@ -21,7 +21,7 @@ from comfy_api.torch_helpers import set_torch_compile_wrapper
 
 from ..kernels.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, CountingInductorBackend, graph_break_count,
                                         shared_inductor_backend, use_persistent_compile_cache)
-from . import flux_layout
+from . import CATEGORY, flux_layout
 from .patcher_hooks import set_wrapper
 from .reporting import report_run
 
@@ -65,7 +65,7 @@ class CompileFlux(io.ComfyNode):
         return io.Schema(
             node_id="FluxAccelCompile",
             display_name=NODE_NAME,
-            category="FLUX acceleration",
+            category=CATEGORY,
             description=(
                 "Compiles FLUX's transformer blocks with torch.compile (inductor): one graph for the double "
                 "blocks and one for the single blocks, reused by all of them, so the first run compiles in "

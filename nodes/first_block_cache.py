@@ -18,7 +18,7 @@ import comfy.patcher_extension
 from comfy_api.latest import ComfyExtension, io
 
 from ..kernels.first_block_cache import FirstBlockCache
-from . import flux_layout
+from . import CATEGORY, flux_layout
 from .patcher_hooks import set_wrapper
 from .reporting import report_run
 
@@ -167,7 +167,7 @@ class ApplyFirstBlockCache(io.ComfyNode):
         return io.Schema(
             node_id="FluxAccelFirstBlockCache",
             display_name=NODE_NAME,
-            category="FLUX acceleration",
+            category=CATEGORY,
             description=(
                 "Runs FLUX's first transformer block every step; when its residual changed less than the "
                 "threshold since the last computed step, the other blocks are skipped and their cached "

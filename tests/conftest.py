@@ -3,6 +3,7 @@
 The pack is imported under the name `fluxaccel` from this checkout (ComfyUI itself imports it from
 the `custom_nodes/` link under its folder name); ComfyUI comes from COMFYUI_DIR.
 """
+import logging
 import os
 import sys
 
@@ -25,6 +26,13 @@ flux_fixtures.import_pack(PACK_DIR)
 def deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def caplog_info(caplog):
+    """caplog recording from INFO up, where the pack's per-run reports are logged."""
+    caplog.set_level(logging.INFO)
+    return caplog
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import torch
 import comfy.sd
 import nodes
 from cache_reports import parse_cache_report
+from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
 
 
 def conditioning(tokens=6, width=32, seed=0, guidance=3.5):
@@ -47,3 +48,7 @@ def tiny_lora(model, rank=2, seed=5):
 def with_lora(model, lora, strength):
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
     return patched
+
+
+def with_cache(model, threshold, start_percent=0.0, end_percent=1.0, max_consecutive_hits=0):
+    return ApplyFirstBlockCache.execute(model, threshold, start_percent, end_percent, max_consecutive_hits).result[0]

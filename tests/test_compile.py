@@ -1,6 +1,5 @@
 """Compile FLUX through ComfyUI's real ModelPatcher and KSampler, compiled by inductor on the CPU."""
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -13,19 +12,12 @@ import folder_paths
 from conftest import COMFYUI_DIR, PACK_DIR
 from fluxaccel.kernels.regional_compile import use_persistent_compile_cache
 from fluxaccel.nodes.compile import BACKEND_KEY, CompileFlux, compile_cache_folder
-from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
 from cache_reports import parse_compile_report
 from flux_fixtures import tiny_flux_patcher
-from ksampler_helpers import cache_summaries, conditioning, ksample, relative_error, tiny_lora, with_lora
+from ksampler_helpers import cache_summaries, conditioning, ksample, relative_error, tiny_lora, with_cache, with_lora
 
 # fp32 on the CPU: inductor's fused kernels reorder sums, nothing more.
 FP32_ROUNDING = 1e-5
-
-
-@pytest.fixture
-def caplog_info(caplog):
-    caplog.set_level(logging.INFO)
-    return caplog
 
 
 def pytorch_attention(attention_function, *args, **kwargs):
@@ -116,13 +108,9 @@ def test_lora_strength_change_is_seen_without_recompiling(caplog_info):
 @pytest.mark.parametrize("cache_first", [True, False])
 def test_composes_with_first_block_cache_in_either_order(cache_first, caplog_info):
     model = gpu_like_flux()
-
-    def with_cache(m):
-        return ApplyFirstBlockCache.execute(m, 0.8, 0.0, 1.0, 0).result[0]
-
-    expected = ksample(with_cache(model), steps=8)
+    expected = ksample(with_cache(model, 0.8), steps=8)
     eager_reuse = cache_summaries(caplog_info)[-1]
-    stacked = compiled(with_cache(model)) if cache_first else with_cache(compiled(model))
+    stacked = compiled(with_cache(model, 0.8)) if cache_first else with_cache(compiled(model), 0.8)
     assert relative_error(ksample(stacked, steps=8), expected) < FP32_ROUNDING
     assert graphs_compiled_per_run(caplog_info), "the blocks ran under Compile FLUX"
     assert cache_summaries(caplog_info)[-1] == eager_reuse and eager_reuse[2] > 0, "same steps reused as eager"

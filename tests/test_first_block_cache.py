@@ -1,28 +1,17 @@
 """Apply First Block Cache through ComfyUI's real ModelPatcher and KSampler on tiny FLUX models."""
-import logging
 
 import pytest
 import torch
 
 from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
 from flux_fixtures import tiny_flux_patcher
-from ksampler_helpers import cache_summaries, conditioning, ksample, relative_error, tiny_lora, with_lora
-
-
-@pytest.fixture
-def caplog_info(caplog):
-    caplog.set_level(logging.INFO)
-    return caplog
+from ksampler_helpers import cache_summaries, conditioning, ksample, relative_error, tiny_lora, with_cache, with_lora
 
 
 # The tiny random FLUX moves its first block's residual by 0.5-0.8 (relative L1) between steps:
 # REUSING_THRESHOLD reuses some steps and computes others; ALWAYS_REUSE reuses whenever allowed.
 REUSING_THRESHOLD = 0.8
 ALWAYS_REUSE = 100.0
-
-
-def with_cache(model, threshold, start_percent=0.0, end_percent=1.0, max_consecutive_hits=0):
-    return ApplyFirstBlockCache.execute(model, threshold, start_percent, end_percent, max_consecutive_hits).result[0]
 
 
 def split_conds():
