@@ -11,6 +11,7 @@ import logging
 CAPABILITY_MODULES = {
     "first_block_cache": "FirstBlockCacheExtension",
     "compile": "CompileExtension",
+    "fp8_quantize": "FP8QuantizeExtension",
 }
 
 

@@ -23,3 +23,9 @@ def flux_diffusion_model(model_patcher, node_name):
 def block_counts(diffusion_model):
     """(number of double-stream blocks, number of single-stream blocks)."""
     return len(diffusion_model.double_blocks), len(diffusion_model.single_blocks)
+
+
+# Layers kept in the model's dtype by the FP8 node: the input embedders and the final layer see
+# raw latents, timesteps and guidance and feed the output directly; they are 0.1 GiB of FLUX.1-dev.
+# (Norms are not Linear layers and are never quantized.)
+FP8_SENSITIVE_LAYERS = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")

@@ -10,6 +10,8 @@ Variants:
   core-bf16, core-fp8fast            ComfyUI alone: bf16 weights; fp8_e4m3fn weights with fp8_optimizations
   core-bf16+compile, core-fp8fast+compile   the same under core TorchCompileModel (inductor)
   <any>+fluxaccel-compile            the variant under the pack's Compile FLUX (regional, default mode)
+  <any>+fluxaccel-fp8                the variant under the pack's FP8 Dynamic Quantize (per-row activations);
+                                     modifiers apply left to right: core-bf16+fluxaccel-fp8+fluxaccel-compile
   fbc-<threshold>                    Apply First Block Cache at that threshold (random weights: the
                                      skip ratio says little about a trained model)
   fbc-0                              the cache's hooks with nothing reused: cost of a computed step
@@ -21,6 +23,7 @@ same variant shows the warm-restart overhead as its first run. `--passes 2` samp
 twice with the same model: the second pass must compile nothing (the rows' graphs_compiled).
 """
 import argparse
+import gc
 import json
 import os
 import sys
@@ -102,6 +105,7 @@ def apply_variant(model, variant):
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from fluxaccel.nodes.compile import CompileFlux
     from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
+    from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 
     base, *modifiers = variant.split("+")
     for part in modifiers:
@@ -110,6 +114,8 @@ def apply_variant(model, variant):
             set_torch_compile_wrapper(model=model, backend="inductor")
         elif part == "fluxaccel-compile":
             model = CompileFlux.execute(model, "default", "automatic").result[0]
+        elif part == "fluxaccel-fp8":
+            model = FP8DynamicQuantize.execute(model, "per-row", "").result[0]
         else:
             raise ValueError(f"unknown variant part {part!r} in {variant!r}")
     if base.startswith("fbc-"):
@@ -175,7 +181,19 @@ def run_variant(state_dict, variant, args, references):
     del model
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()
+    # What the variant left allocated once ComfyUI unloaded it (a leak shows here), then what a
+    # garbage collection frees, as ComfyUI's server does between prompts, for the next variant.
+    held = allocated_gib()
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
+    for row in rows:
+        row.update(vram_after_unload_gb=held, vram_after_unload_and_gc_gb=allocated_gib())
+    print(json.dumps({"variant": variant, "vram_after_unload_gb": held, "after_gc": allocated_gib()}), flush=True)
     return rows
+
+
+def allocated_gib():
+    return round(torch.cuda.memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
 def report_title(report):

@@ -14,11 +14,13 @@ pytestmark = pytest.mark.server
 FBC_NODE = ("FluxAccelFirstBlockCache",
             {"residual_diff_threshold": 0.5, "start_percent": 0.0, "end_percent": 1.0, "max_consecutive_hits": 0})
 COMPILE_NODE = ("FluxAccelCompile", {"mode": "default", "dynamic_shapes": "automatic"})
+FP8_NODE = ("FluxAccelFP8DynamicQuantize", {"activation_scaling": "per-row", "exclude": ""})
 
 
 @pytest.mark.parametrize("node_id, display_name", [
     ("FluxAccelFirstBlockCache", "Apply First Block Cache"),
     ("FluxAccelCompile", "Compile FLUX"),
+    ("FluxAccelFP8DynamicQuantize", "FP8 Dynamic Quantize"),
 ])
 def test_object_info_lists_the_pack_under_one_category(comfy_server, node_id, display_name):
     node = comfy_server.get("/object_info")[node_id]
@@ -47,6 +49,21 @@ def test_compiled_and_cached_model_reports_both_on_the_sampler_node(comfy_server
     _, texts = comfy_server.run_showing_node_texts(text_to_image([COMPILE_NODE, FBC_NODE], steps=4, seed=8))
     assert sorted(text.split(":")[0] for text in texts["sampler"]) == ["Compile FLUX", "First Block Cache (threshold 0.5)"]
     assert os.path.isdir(os.path.join(COMFYUI_DIR, "user", "fluxaccel", "torch-compile-cache"))
+
+
+def test_fp8_compile_and_cache_stack_through_the_real_loader(comfy_server):
+    """The whole stack on the loader-detected test FLUX: the FP8 node reports on itself, the others on the sampler."""
+    _, texts = comfy_server.run_showing_node_texts(text_to_image([FP8_NODE, COMPILE_NODE, FBC_NODE], steps=4, seed=9))
+    [fp8_report] = texts["accel0"]
+    assert fp8_report.startswith("FP8 Dynamic Quantize: 13 linear layers to FP8 (weight-only: cpu has no FP8 tensor cores")
+    assert sorted(text.split(":")[0] for text in texts["sampler"]) == ["Compile FLUX", "First Block Cache (threshold 0.5)"]
+
+
+def test_bad_fp8_exclusion_fails_the_prompt_and_the_server_stays_up(comfy_server):
+    bad = (FP8_NODE[0], {**FP8_NODE[1], "exclude": "no_such_layer"})
+    with pytest.raises(PromptFailed, match="exclude pattern 'no_such_layer' matches no linear layer"):
+        comfy_server.run(text_to_image([bad]))
+    assert comfy_server.get("/system_stats")["system"]["comfyui_version"] == "0.30.0"
 
 
 def test_bad_window_fails_validation_and_the_server_stays_up(comfy_server):

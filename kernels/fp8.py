@@ -1,0 +1,106 @@
+"""FP8 e4m3 linear layers with dynamic scales: weights per output row, activations per token row.
+
+Weights are quantized once, with one scale per output row (absmax / 448) and round-to-nearest, so
+the same weight always gives the same bytes. Activations are quantized at run time, with one scale
+per row (default) or one for the whole tensor, and `torch._scaled_mm` multiplies them on FP8 tensor
+cores. Without FP8 tensor cores (CPU, GPUs before compute capability 8.9) the weight is dequantized
+and the matmul runs in the activation's dtype ("weight-only"): the FP8 weights still halve memory.
+"""
+import fnmatch
+import functools
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max
+ACTIVATION_SCALINGS = ("row", "tensor")
+MIN_FP8_MATMUL_CAPABILITY = (8, 9)
+# Keeps all-zero rows at scale > 0 (they quantize to zeros instead of NaN); far below any real row.
+SCALE_FLOOR = torch.finfo(torch.float32).tiny
+# torch._scaled_mm takes FP8 operands whose inner and outer dimensions are multiples of 16.
+SCALED_MM_ALIGNMENT = 16
+# Weights are quantized this many elements at a time, so that the float32 temporaries of FLUX's
+# largest layer (66 M elements) stay at 64 MiB each instead of adding 1 GiB to the load's peak VRAM.
+QUANTIZE_CHUNK_ELEMENTS = 2**24
+
+
+def quantize_rows(tensor):
+    """(FP8 data, float32 scales of shape [rows, 1]): one scale per row, round to nearest."""
+    amax = tensor.abs().amax(dim=-1, keepdim=True).float()
+    scale = amax.clamp(min=SCALE_FLOOR) / FP8_MAX
+    qdata = (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return qdata, scale
+
+
+def quantize_weight_rows(weight, dtype):
+    """`quantize_rows(weight.to(dtype))`, a block of rows at a time."""
+    qdata = torch.empty(weight.shape, dtype=FP8_DTYPE, device=weight.device)
+    scale = torch.empty((weight.shape[0], 1), dtype=torch.float32, device=weight.device)
+    rows_per_chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // weight.shape[-1])
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        qdata[rows], scale[rows] = quantize_rows(weight[rows].to(dtype))
+    return qdata, scale
+
+
+def quantize_whole(tensor):
+    """(FP8 data, float32 scale of shape [1, 1]): one scale for the whole tensor."""
+    amax = tensor.abs().amax().float().reshape(1, 1)
+    scale = amax.clamp(min=SCALE_FLOOR) / FP8_MAX
+    qdata = (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return qdata, scale
+
+
+def dequantize_rows(qdata, scale, dtype):
+    return (qdata.float() * scale).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_matmul_supported(device):
+    """Whether `device` has FP8 tensor cores that torch._scaled_mm can use."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device) >= MIN_FP8_MATMUL_CAPABILITY
+
+
+def scaled_mm_shape_supported(in_features, out_features):
+    return in_features % SCALED_MM_ALIGNMENT == 0 and out_features % SCALED_MM_ALIGNMENT == 0
+
+
+def fp8_linear(x, weight_qdata, weight_scale, bias=None, activation_scaling="row"):
+    """`x @ W.T + bias` for W = weight_qdata * weight_scale (per output row), in x's dtype.
+
+    On FP8 tensor cores the activation is quantized too (W8A8); elsewhere it is weight-only.
+    """
+    out_features, in_features = weight_qdata.shape
+    if fp8_matmul_supported(x.device) and scaled_mm_shape_supported(in_features, out_features):
+        return scaled_mm_linear(x, weight_qdata, weight_scale, bias, activation_scaling)
+    return torch.nn.functional.linear(x, dequantize_rows(weight_qdata, weight_scale, x.dtype), bias)
+
+
+def scaled_mm_linear(x, weight_qdata, weight_scale, bias, activation_scaling):
+    rows = x.reshape(-1, x.shape[-1])
+    quantize = quantize_rows if activation_scaling == "row" else quantize_whole
+    x_qdata, x_scale = quantize(rows)
+    # Row-wise _scaled_mm takes one scale per row of each operand, and writes bf16.
+    out = torch._scaled_mm(x_qdata, weight_qdata.t(), scale_a=x_scale.expand(rows.shape[0], 1).contiguous(),
+                           scale_b=weight_scale.t(), bias=None if bias is None else bias.to(torch.bfloat16),
+                           out_dtype=torch.bfloat16)
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight_qdata.shape[0])
+
+
+def matches_any(name, patterns):
+    """Whether a module path matches one of the fnmatch patterns, a pattern also naming what is under it."""
+    return any(fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*") for pattern in patterns)
+
+
+def linear_layer_names(module):
+    """The dotted paths of every torch.nn.Linear under `module`."""
+    return [name for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)]
+
+
+def select_layers(layer_names, excluded_patterns):
+    """(layers to quantize, layers kept), in the order given."""
+    kept = [name for name in layer_names if matches_any(name, excluded_patterns)]
+    return [name for name in layer_names if name not in set(kept)], kept

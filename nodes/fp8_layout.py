@@ -1,0 +1,103 @@
+"""The pack's FP8 weights as one of ComfyUI's QuantizedTensor layouts (comfy_kitchen).
+
+Being a QuantizedTensor, an FP8 weight is what ComfyUI already knows how to size, move, pin, offload
+and dequantize (`cast_bias_weight` dequantizes it for layers run offloaded). `torch.nn.functional.linear`
+reaches the handlers below as `aten.t` on the weight, then `aten.addmm` (or `aten.mm` without bias),
+which run `kernels.fp8.fp8_linear`; any other op sees the dequantized weight.
+"""
+import dataclasses
+
+import torch
+
+from comfy.quant_ops import QuantizedLayout, QuantizedTensor, register_layout_class, register_layout_op
+from comfy_kitchen.tensor import BaseLayoutParams, dequantize_args
+
+from ..kernels import fp8
+
+LAYOUT_NAME = "FluxAccelFP8RowwiseLayout"
+
+
+class FP8RowwiseLayout(QuantizedLayout):
+    """FP8 e4m3 weight [out, in] with a float32 scale per output row; activations scaled at run time."""
+
+    MIN_SM_VERSION = fp8.MIN_FP8_MATMUL_CAPABILITY
+
+    @dataclasses.dataclass(frozen=True)
+    class Params(BaseLayoutParams):
+        activation_scaling: str = "row"
+        # aten.t gives a transposed view: the data stays [out, in], the logical shape is [in, out].
+        transposed: bool = False
+
+    @classmethod
+    def quantize(cls, tensor, activation_scaling="row", dtype=None, **comfy_requantize_options):
+        """Quantizes `tensor.to(dtype)` (default: its own dtype), whose dtype the weight then reports.
+
+        ComfyUI passes scale="recalculate" and a stochastic-rounding seed when it requantizes a
+        weight it patched on the fly; this layout always recalculates and rounds to nearest, so the
+        same merged weight gives the same bytes whichever path produced it.
+        """
+        dtype = dtype or tensor.dtype
+        qdata, scale = fp8.quantize_weight_rows(tensor, dtype)
+        return qdata, cls.Params(scale=scale, orig_dtype=dtype, orig_shape=tuple(tensor.shape),
+                                 activation_scaling=activation_scaling)
+
+    @classmethod
+    def dequantize(cls, qdata, params):
+        return fp8.dequantize_rows(qdata, params.scale, params.orig_dtype)
+
+    @classmethod
+    def get_plain_tensors(cls, qtensor):
+        return qtensor._qdata, qtensor._params.scale
+
+    @classmethod
+    def state_dict_tensors(cls, qdata, params):
+        return {"": qdata, "_scale": params.scale}
+
+    @classmethod
+    def requantize_kwargs(cls, qtensor):
+        return {"activation_scaling": qtensor._params.activation_scaling}
+
+
+register_layout_class(LAYOUT_NAME, FP8RowwiseLayout)
+
+
+def quantize_weight(weight, dtype, activation_scaling):
+    """The FP8 QuantizedTensor of a float weight [out, in] cast to `dtype` (the model's weight dtype)."""
+    return QuantizedTensor.from_float(weight, LAYOUT_NAME, activation_scaling=activation_scaling, dtype=dtype)
+
+
+def is_fp8_weight(tensor):
+    return isinstance(tensor, QuantizedTensor) and tensor._layout_cls == LAYOUT_NAME
+
+
+def is_transposed_weight(tensor):
+    return is_fp8_weight(tensor) and tensor._params.transposed
+
+
+def run_linear(x, transposed_weight, bias):
+    params = transposed_weight._params
+    return fp8.fp8_linear(x, transposed_weight._qdata, params.scale, bias, params.activation_scaling)
+
+
+@register_layout_op(torch.ops.aten.t.default, FP8RowwiseLayout)
+def transpose(qt, args, kwargs):
+    weight = args[0]
+    params = dataclasses.replace(weight._params, transposed=not weight._params.transposed,
+                                 orig_shape=tuple(reversed(weight._params.orig_shape)))
+    return QuantizedTensor(weight._qdata, LAYOUT_NAME, params)
+
+
+@register_layout_op(torch.ops.aten.addmm.default, FP8RowwiseLayout)
+def addmm(qt, args, kwargs):
+    bias, x, weight = args
+    if kwargs or isinstance(x, QuantizedTensor) or not is_transposed_weight(weight):
+        return torch.addmm(*dequantize_args(args), **kwargs)
+    return run_linear(x, weight, bias)
+
+
+@register_layout_op(torch.ops.aten.mm.default, FP8RowwiseLayout)
+def mm(qt, args, kwargs):
+    x, weight = args
+    if isinstance(x, QuantizedTensor) or not is_transposed_weight(weight):
+        return torch.mm(*dequantize_args(args))
+    return run_linear(x, weight, None)

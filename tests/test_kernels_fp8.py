@@ -1,0 +1,122 @@
+"""kernels.fp8 against a float64 reference of e4m3 rounding (CPU)."""
+import pytest
+import torch
+
+from fluxaccel.kernels import fp8
+
+
+def e4m3_grid():
+    """Every finite float8_e4m3fn value, as float64, ascending."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+    return values[values.isfinite()].unique()
+
+
+def round_to_e4m3(values):
+    """Round-to-nearest onto the e4m3 grid, in float64 (ties are measure-zero for random data)."""
+    grid = e4m3_grid()
+    index = torch.searchsorted(grid, values.clamp(grid[0], grid[-1]))
+    below, above = grid[(index - 1).clamp(min=0)], grid[index.clamp(max=len(grid) - 1)]
+    return torch.where((values - below).abs() <= (above - values).abs(), below, above)
+
+
+def weights_with_uneven_rows(rows=24, columns=96, seed=0):
+    """Trained-like weights (std columns^-1/2) whose rows span six orders of magnitude, plus a zero row."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, columns, generator=generator) * columns ** -0.5
+    weight *= torch.logspace(-3, 3, rows).unsqueeze(1)
+    weight[5] = 0.0
+    return weight
+
+
+def test_quantize_rows_is_round_to_nearest_with_absmax_scales():
+    weight = weights_with_uneven_rows()
+    qdata, scale = fp8.quantize_rows(weight)
+
+    nonzero = torch.arange(24) != 5
+    expected_scale = weight.double().abs().amax(dim=1, keepdim=True) / 448.0
+    assert qdata.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (24, 1)
+    torch.testing.assert_close(scale[nonzero].double(), expected_scale[nonzero], rtol=1e-7, atol=0)
+    assert torch.equal(qdata.double(), round_to_e4m3(weight.double() / scale.double()))
+    assert qdata.double().abs().amax(dim=1)[nonzero].eq(448.0).all(), "each row's absmax maps to 448"
+    assert qdata[5].double().eq(0).all() and scale[5].item() > 0
+
+
+def test_dequantized_rows_keep_every_row_to_e4m3_precision():
+    """Per-row scales: a row 10^6 times smaller than another is as precise (no flush to zero)."""
+    weight = weights_with_uneven_rows()
+    qdata, scale = fp8.quantize_rows(weight)
+    restored = fp8.dequantize_rows(qdata, scale, torch.float64)
+    per_row = (restored - weight.double()).norm(dim=1) / weight.double().norm(dim=1)
+    nonzero = torch.arange(24) != 5
+    assert per_row[nonzero].max() < 0.04
+    assert torch.equal(restored[5], torch.zeros(96, dtype=torch.float64))
+
+
+def test_chunked_weight_quantization_equals_whole(monkeypatch):
+    weight = weights_with_uneven_rows(rows=37).to(torch.float16)
+    monkeypatch.setattr(fp8, "QUANTIZE_CHUNK_ELEMENTS", 96 * 5)
+    qdata, scale = fp8.quantize_weight_rows(weight, torch.bfloat16)
+    expected_qdata, expected_scale = fp8.quantize_rows(weight.to(torch.bfloat16))
+    assert torch.equal(qdata.view(torch.uint8), expected_qdata.view(torch.uint8))
+    assert torch.equal(scale, expected_scale)
+
+
+def test_whole_tensor_scale():
+    activations = torch.randn(8, 64) * 30
+    qdata, scale = fp8.quantize_whole(activations)
+    assert scale.shape == (1, 1)
+    torch.testing.assert_close(scale.double(), activations.double().abs().max().reshape(1, 1) / 448.0, rtol=1e-7, atol=0)
+    assert torch.equal(qdata.double(), round_to_e4m3(activations.double() / scale.double()))
+
+
+def trained_like_layer(tokens=64, in_features=128, out_features=96, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, tokens // 2, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5
+    bias = torch.randn(out_features, generator=generator) * 0.1
+    return x, weight, bias
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def test_weight_only_linear_is_the_dequantized_matmul():
+    x, weight, bias = trained_like_layer()
+    qdata, scale = fp8.quantize_rows(weight)
+    assert not fp8.fp8_matmul_supported("cpu")
+    out = fp8.fp8_linear(x, qdata, scale, bias)
+    assert out.shape == (2, 32, 96) and out.dtype == x.dtype
+    assert torch.equal(out, torch.nn.functional.linear(x, fp8.dequantize_rows(qdata, scale, x.dtype), bias))
+    reference = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    assert relative_error(out, reference) < 0.04
+
+
+@pytest.mark.parametrize("activation_scaling", fp8.ACTIVATION_SCALINGS)
+def test_scaled_mm_linear_matches_the_float64_w8a8_reference(activation_scaling):
+    """The FP8 tensor-core path's math (torch._scaled_mm also runs on the CPU) against float64."""
+    x, weight, bias = trained_like_layer()
+    x = x.to(torch.bfloat16)
+    qdata, scale = fp8.quantize_rows(weight)
+    out = fp8.scaled_mm_linear(x, qdata, scale, bias.to(torch.bfloat16), activation_scaling)
+
+    rows = x.reshape(-1, 128).double()
+    x_scale = (rows.abs().amax(dim=1, keepdim=True) if activation_scaling == "row" else rows.abs().max()) / 448.0
+    w8a8 = (round_to_e4m3(rows / x_scale) * x_scale) @ (qdata.double() * scale.double()).t() + bias.to(torch.bfloat16).double()
+    assert out.shape == (2, 32, 96) and out.dtype == torch.bfloat16
+    assert relative_error(out.reshape(-1, 96), w8a8) < 2 ** -7, "bf16 output rounding only"
+    exact = torch.nn.functional.linear(x.double(), weight.double(), bias.to(torch.bfloat16).double())
+    assert relative_error(out, exact) < 0.05
+
+
+def test_layer_selection_patterns():
+    names = ["img_in", "img_in_extra", "double_blocks.0.img_mod.lin", "double_blocks.10.img_attn.qkv",
+             "single_blocks.1.linear1", "single_blocks.12.linear1", "final_layer.linear"]
+    targets, kept = fp8.select_layers(names, ["img_in", "final_layer", "*.img_mod.lin", "single_blocks.1"])
+    assert kept == ["img_in", "double_blocks.0.img_mod.lin", "single_blocks.1.linear1", "final_layer.linear"]
+    assert targets == ["img_in_extra", "double_blocks.10.img_attn.qkv", "single_blocks.12.linear1"]
+
+
+def test_linear_layer_names_lists_linear_modules_only():
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    assert fp8.linear_layer_names(module) == ["0", "2.0"]
