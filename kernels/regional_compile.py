@@ -42,10 +42,14 @@ class CountingInductorBackend:
         self.dynamic = DYNAMIC_SHAPES[dynamic_shapes]
         self.inductor_options = torch._inductor.list_mode_options(mode, self.dynamic)
         self.counter = CompileCounter()
+        # Called with the graph's number before each compilation, to tell the person waiting.
+        self.on_compile_start = None
 
     def __call__(self, graph_module, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
+        if self.on_compile_start is not None:
+            self.on_compile_start(self.counter.graphs + 1)
         started = time.perf_counter()
         compiled = compile_fx(graph_module, example_inputs, config_patches=self.inductor_options)
         self.counter.graphs += 1

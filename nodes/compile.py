@@ -23,7 +23,7 @@ from ..kernels.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, CountingI
                                         shared_inductor_backend, use_persistent_compile_cache)
 from . import CATEGORY, flux_layout
 from .patcher_hooks import set_wrapper
-from .reporting import report_run
+from .reporting import report_run, report_to_sampler_node
 
 NODE_NAME = "Compile FLUX"
 BACKEND_KEY = "fluxaccel.compile"
@@ -46,6 +46,12 @@ def compile_summary(graphs, graph_breaks, inductor_seconds):
     plural = "s" if graphs > 1 else ""
     return (f"Compile FLUX: {graphs} graph{plural} compiled this run ({inductor_seconds:.1f} s in inductor), "
             f"{graph_breaks} graph breaks")
+
+
+def announce_compile(graph_number):
+    """Shown on the sampler node while a graph compiles: the first run at a new size waits for it."""
+    report_to_sampler_node(f"Compile FLUX: compiling graph {graph_number} of this process "
+                           "(once per block kind and size class; kept on disk for later runs)...")
 
 
 def sample_with_compile_report(executor, *args, **kwargs):
@@ -91,6 +97,7 @@ class CompileFlux(io.ComfyNode):
     def execute(cls, model, mode, dynamic_shapes) -> io.NodeOutput:
         diffusion_model = flux_layout.flux_diffusion_model(model, NODE_NAME)
         backend = shared_inductor_backend(mode, dynamic_shapes)
+        backend.on_compile_start = announce_compile
         use_persistent_compile_cache(compile_cache_folder())
         patched = model.clone()
         set_torch_compile_wrapper(patched, backend=backend, dynamic=backend.dynamic,

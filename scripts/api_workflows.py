@@ -1,5 +1,20 @@
-"""API-format text-to-image workflows on the generated test models (see flux_fixtures.py)."""
-from flux_fixtures import TEST_CLIP_FILE, TEST_UNET_FILE, TEST_VAE_FILE
+"""API-format workflows: text-to-image on the generated test models (see flux_fixtures.py), and the
+shipped FLUX.1-dev workflows turned into ones the test host can run."""
+import copy
+
+from flux_fixtures import TEST_CLIP_FILE, TEST_LORA_FILE, TEST_UNET_FILE, TEST_VAE_FILE
+
+# The model files the workflows name (FLUX.1-dev's), per loader input, with their model folder.
+MODEL_FILE_INPUTS = {
+    ("UNETLoader", "unet_name"): "diffusion_models",
+    ("DualCLIPLoader", "clip_name1"): "text_encoders",
+    ("DualCLIPLoader", "clip_name2"): "text_encoders",
+    ("VAELoader", "vae_name"): "vae",
+    ("LoraLoaderModelOnly", "lora_name"): "loras",
+}
+# What the test host has in those folders (scripts/flux_fixtures.py): enough for the editor's checks.
+TEST_MODEL_FILES = {"diffusion_models": TEST_UNET_FILE, "text_encoders": TEST_CLIP_FILE, "vae": TEST_VAE_FILE,
+                    "loras": TEST_LORA_FILE}
 
 
 def text_to_image(model_nodes=(), width=128, height=128, steps=4, seed=0, cfg=1.0, prompt="a red circle",
@@ -30,4 +45,41 @@ def text_to_image(model_nodes=(), width=128, height=128, steps=4, seed=0, cfg=1.
         workflow["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": TEST_VAE_FILE}}
         workflow["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0]}}
         workflow["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "fluxaccel_test"}}
+    return workflow
+
+
+def api_with_test_models(api_workflow):
+    """The API workflow naming the test host's model files instead of FLUX.1-dev's."""
+    workflow = copy.deepcopy(api_workflow)
+    for node in workflow.values():
+        for name in node["inputs"]:
+            if (folder := MODEL_FILE_INPUTS.get((node["class_type"], name))) is not None:
+                node["inputs"][name] = TEST_MODEL_FILES[folder]
+    return workflow
+
+
+def model_files_named(api_workflows):
+    """{model folder: file names} that the workflows load."""
+    files = {}
+    for workflow in api_workflows:
+        for node in workflow.values():
+            for name, value in node["inputs"].items():
+                if (folder := MODEL_FILE_INPUTS.get((node["class_type"], name))) is not None:
+                    files.setdefault(folder, set()).add(value)
+    return files
+
+
+def runnable_on_test_host(api_workflow, size=128, steps=3):
+    """A shipped workflow as the CPU test host can run it: the test model files, CLIPLoader with the test
+    CLIP-L where FLUX.1-dev has DualCLIPLoader (T5-XXL's weights are not available offline; the test
+    FLUX reads CLIP-L's text states), a small image and few steps. Everything else is unchanged."""
+    workflow = api_with_test_models(api_workflow)
+    for node in workflow.values():
+        if node["class_type"] == "DualCLIPLoader":
+            node["class_type"] = "CLIPLoader"
+            node["inputs"] = {"clip_name": TEST_CLIP_FILE, "type": "stable_diffusion"}
+        elif node["class_type"] == "EmptySD3LatentImage":
+            node["inputs"].update(width=size, height=size)
+        elif node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = steps
     return workflow

@@ -96,7 +96,8 @@ class ComfyServer:
         request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+            body = response.read()
+        return json.loads(body) if body else None
 
     def queue(self, workflow):
         """Queues an API-format workflow; a validation error raises PromptFailed with the server's answer."""

@@ -5,7 +5,8 @@ Two kinds:
   `comfy.supported_models.Flux` + `comfy.model_base.Flux`, wrapped in a real ModelPatcher.
 - `write_test_model_files`: safetensors files that ComfyUI's own loaders detect (UNETLoader sees a
   FLUX with hidden 3072 and one double + one single block; CLIPLoader a CLIP-L; VAELoader the
-  FLUX autoencoder), so end-to-end workflows run through the real loaders. The FLUX takes CLIP-L's
+  FLUX autoencoder; LoraLoaderModelOnly a LoRA for that FLUX), so end-to-end workflows run through
+  the real loaders. The FLUX takes CLIP-L's
   768-wide text states (ComfyUI reads `context_in_dim` from the weights): no T5-XXL is needed.
 
 Run as a script with the ComfyUI folder as argument to write the files (skips existing ones).
@@ -18,6 +19,7 @@ import torch
 TEST_UNET_FILE = "fluxaccel-test-flux.safetensors"
 TEST_CLIP_FILE = "fluxaccel-test-clip-l.safetensors"
 TEST_VAE_FILE = "fluxaccel-test-ae.safetensors"
+TEST_LORA_FILE = "fluxaccel-test-flux-lora.safetensors"
 
 WEIGHT_STD = 0.02
 
@@ -118,6 +120,18 @@ def detectable_flux_state_dict(seed=0):
     return randomize_(model, seed).state_dict()
 
 
+def detectable_flux_lora_state_dict(seed=3, rank=4):
+    """A LoRA (ComfyUI's generic key format) for the attention and MLP input layers of the test FLUX."""
+    shapes = {name: tensor.shape for name, tensor in detectable_flux_state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    lora = {}
+    for layer in ("double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.0", "single_blocks.0.linear1"):
+        out_features, in_features = shapes[f"{layer}.weight"]
+        lora[f"diffusion_model.{layer}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * WEIGHT_STD
+        lora[f"diffusion_model.{layer}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * WEIGHT_STD
+    return {name: tensor.to(torch.bfloat16) for name, tensor in lora.items()}
+
+
 def clip_l_state_dict(seed=1):
     """A CLIP-L text encoder with random weights, in the layout CLIPLoader detects."""
     import json
@@ -154,6 +168,7 @@ def write_test_model_files(comfyui_dir):
         ("diffusion_models", TEST_UNET_FILE, detectable_flux_state_dict),
         ("text_encoders", TEST_CLIP_FILE, clip_l_state_dict),
         ("vae", TEST_VAE_FILE, flux_vae_state_dict),
+        ("loras", TEST_LORA_FILE, detectable_flux_lora_state_dict),
     ]
     for folder, filename, make_state_dict in targets:
         path = os.path.join(comfyui_dir, "models", folder, filename)

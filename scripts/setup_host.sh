@@ -65,6 +65,21 @@ install_requirements() {
     echo "$wanted" > "$stamp"
 }
 
+ensure_chromium() {
+    # The graph-editor test drives ComfyUI's frontend in Debian's Chromium (no browser download).
+    if [[ -n "${FLUXACCEL_CHROMIUM:-}" ]] || command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then
+        return
+    fi
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+        log "installing Debian's chromium for the graph-editor test"
+        { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; } \
+            || log "could not install chromium; the graph-editor test will fail until it is installed"
+    else
+        log "no chromium: install it (apt-get install chromium) or set FLUXACCEL_CHROMIUM for the graph-editor test"
+    fi
+}
+
 link_pack() {
     local link="$COMFYUI_DIR/custom_nodes/$PACK_NAME"
     if [[ "$(readlink "$link" 2>/dev/null)" != "$pack_dir" ]]; then
@@ -80,6 +95,7 @@ if [[ -z "${COMFYUI_PATH:-}" ]]; then
     [[ -x "$HOST_PYTHON" ]] || make_venv
 fi
 install_requirements
+ensure_chromium
 link_pack
 "$HOST_PYTHON" "$pack_dir/scripts/flux_fixtures.py" "$COMFYUI_DIR"
 if (( run_demo )); then

@@ -160,16 +160,22 @@ flux_fixtures.import_pack(sys.argv[1])
 import torch
 from test_compile import compiled, gpu_like_flux
 from ksampler_helpers import ksample
-ksample(compiled(gpu_like_flux()), steps=2)
+from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
+model = gpu_like_flux()
+if sys.argv[3] == "fp8":
+    model = FP8DynamicQuantize.execute(model, "per-row", "").result[0]
+ksample(compiled(model), steps=2)
 print(json.dumps(dict(torch._dynamo.utils.counters["inductor"])))
 """
 
 
-def test_a_second_process_finds_the_compiled_graphs_on_disk(tmp_path):
+@pytest.mark.parametrize("weights", ["float", "fp8"])
+def test_a_second_process_finds_the_compiled_graphs_on_disk(tmp_path, weights):
+    """Also with FP8 Dynamic Quantize's weights, which are graph inputs of a tensor subclass."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile-cache")}
 
     def inductor_counters():
-        result = subprocess.run([sys.executable, "-c", COMPILE_IN_A_FRESH_PROCESS, PACK_DIR, COMFYUI_DIR],
+        result = subprocess.run([sys.executable, "-c", COMPILE_IN_A_FRESH_PROCESS, PACK_DIR, COMFYUI_DIR, weights],
                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])

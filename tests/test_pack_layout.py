@@ -1,8 +1,10 @@
 """The pack imports outside ComfyUI, registers through V3 only, and keeps kernels free of ComfyUI."""
 import ast
 import os
+import re
 import subprocess
 import sys
+import tomllib
 
 from conftest import PACK_DIR
 
@@ -14,6 +16,7 @@ sys.modules["pack"] = pack
 spec.loader.exec_module(pack)
 import pack.kernels.first_block_cache
 import pack.kernels.regional_compile
+import pack.kernels.fp8
 assert callable(pack.comfy_entrypoint)
 assert not hasattr(pack, "NODE_CLASS_MAPPINGS"), "ComfyUI would take V1 mappings and ignore comfy_entrypoint"
 assert not [name for name in sys.modules if name.split(".")[0] in ("comfy", "comfy_api", "nodes")]
@@ -43,3 +46,20 @@ def test_kernels_never_import_comfyui():
         if filename.endswith(".py"):
             roots = {name.split(".")[0] for name in imported_modules(os.path.join(kernels_dir, filename))}
             assert not roots & {"comfy", "comfy_api", "comfy_execution", "nodes", "server", "folder_paths"}, filename
+
+
+def test_registry_metadata_is_complete():
+    """What the Comfy Registry and ComfyUI Manager read from pyproject.toml, and the changelog of that version."""
+    with open(os.path.join(PACK_DIR, "pyproject.toml"), "rb") as f:
+        pyproject = tomllib.load(f)
+    project, comfy = pyproject["project"], pyproject["tool"]["comfy"]
+    assert re.fullmatch(r"[a-z][a-z0-9-]*", project["name"])
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert os.path.isfile(os.path.join(PACK_DIR, project["license"]["file"]))
+    assert project["urls"]["Repository"].startswith("https://github.com/")
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    with open(os.path.join(PACK_DIR, "CHANGELOG.md")) as f:
+        assert f"## {project['version']}" in f.read()
+    with open(os.path.join(PACK_DIR, "LICENSE")) as f:
+        head = f.read(200)
+    assert "GNU GENERAL PUBLIC LICENSE" in head and "Version 3" in head, "ComfyUI's license, GPL-3.0"
