@@ -20,6 +20,8 @@ TEST_UNET_FILE = "fluxaccel-test-flux.safetensors"
 TEST_CLIP_FILE = "fluxaccel-test-clip-l.safetensors"
 TEST_VAE_FILE = "fluxaccel-test-ae.safetensors"
 TEST_LORA_FILE = "fluxaccel-test-flux-lora.safetensors"
+# The test FLUX under a second name: ComfyUI loads it as a second model (the soak test alternates).
+TEST_UNET_SECOND_NAME = "fluxaccel-test-flux-second.safetensors"
 
 WEIGHT_STD = 0.02
 
@@ -179,6 +181,9 @@ def write_test_model_files(comfyui_dir):
         safetensors.torch.save_file(state_dict, path + ".partial")
         os.replace(path + ".partial", path)
         print(f"[setup] wrote test model {path}")
+    second = os.path.join(comfyui_dir, "models", "diffusion_models", TEST_UNET_SECOND_NAME)
+    if not os.path.lexists(second):
+        os.symlink(TEST_UNET_FILE, second)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ SEED_CONTROL = "fixed"
 EDITOR_READY = "window.app?.rootGraph && window.LiteGraph?.registered_node_types?.KSampler"
 # First-start extras of the editor that would cover the graph (the template browser, the minimap),
 # and the low-detail drawing (no text) it switches to when a whole workflow is zoomed to fit.
-EDITOR_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "LiteGraph.Canvas.MinFontSizeForLOD": 0}
+EDITOR_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
+                   "LiteGraph.Canvas.MinFontSizeForLOD": 0}
+
+
 def workflow_names():
     return sorted(name[:-len(API_SUFFIX)] for name in os.listdir(WORKFLOWS_DIR) if name.endswith(API_SUFFIX))
 
@@ -91,7 +94,8 @@ def api_to_editor_graph(browser, api_workflow, name):
 
 
 def load_editor_graph(browser, graph, name):
-    """Loads a graph-editor JSON; returns (node types the editor does not know, the API prompt it makes)."""
+    """Loads a graph-editor JSON; returns {"unknown": node types the editor does not know, "output": the
+    API prompt it makes of the graph, "nodes": how many nodes it shows}."""
     return browser.evaluate(f"""(async () => {{
         const graph = {json.dumps(graph)};
         const known = window.LiteGraph.registered_node_types;

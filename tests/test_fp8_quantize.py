@@ -1,5 +1,6 @@
 """FP8 Dynamic Quantize through ComfyUI's real ModelPatcher, loader and KSampler (CPU: weight-only FP8)."""
 import gc
+import itertools
 import weakref
 
 import pytest
@@ -187,6 +188,31 @@ def test_composes_with_first_block_cache_in_either_order(cache_first, caplog_inf
     stacked = quantized(with_cache(model, 0.8)) if cache_first else with_cache(quantized(model), 0.8)
     assert torch.equal(ksample(stacked, steps=8), expected)
     assert cache_summaries(caplog_info)[-1] == reuse and reuse[2] > 0
+
+
+STACK_NODES = {
+    "fp8": quantized,
+    "compile": lambda model: CompileFlux.execute(model, "default", "automatic").result[0],
+    "cache": lambda model: with_cache(model, 0.8),
+}
+
+
+def test_every_order_of_the_three_nodes_and_a_lora_gives_the_same_picture(caplog_info):
+    model = gpu_like_flux()
+    lora = tiny_lora(model)
+    expected = ksample(with_cache(quantized(with_lora(model, lora, 0.7)), 0.8), steps=8)
+    expected_reuse = cache_summaries(caplog_info)[-1]
+    assert expected_reuse[2] > 0
+    for order in itertools.permutations(STACK_NODES):
+        for lora_first in (True, False):
+            stacked = with_lora(model, lora, 0.7) if lora_first else model
+            for node in order:
+                stacked = STACK_NODES[node](stacked)
+            if not lora_first:
+                stacked = with_lora(stacked, lora, 0.7)
+            error = relative_error(ksample(stacked, steps=8), expected)
+            assert error < 1e-5, f"{' -> '.join(order)}, LoRA {'first' if lora_first else 'last'}: {error}"
+            assert cache_summaries(caplog_info)[-1] == expected_reuse
 
 
 def test_compiles_with_compile_flux():
