@@ -121,6 +121,15 @@ class ComfyServer:
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
 
+    def wait_until_running(self, prompt_id, timeout=120):
+        """Returns once the server has started executing the prompt."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(item[1] == prompt_id for item in self.get("/queue")["queue_running"]):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {prompt_id} did not start within {timeout} s")
+
     def run(self, workflow, timeout=600):
         return self.wait(self.queue(workflow), timeout)
 

@@ -245,6 +245,15 @@ def test_bad_options_get_a_clear_error(activation_scaling, exclude, message):
         quantized(tiny_flux_patcher(), activation_scaling, exclude)
 
 
+def test_the_exclude_text_is_read_as_patterns_never_run(tmp_path):
+    """The node's only free-text input comes from workflow files, which are data."""
+    marker = tmp_path / "ran"
+    code = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        quantized(tiny_flux_patcher(), "per-row", code)
+    assert not marker.exists()
+
+
 def test_weights_stored_in_fp8_are_refused():
     model = tiny_flux_patcher()
     model.model.diffusion_model.to(torch.float8_e4m3fn)

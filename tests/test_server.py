@@ -1,6 +1,7 @@
 """End to end through the real ComfyUI server: /object_info, /prompt, /history, the websocket."""
 import json
 import os
+import time
 
 import pytest
 from PIL import Image
@@ -79,6 +80,20 @@ def test_fp8_compile_and_cache_stack_through_the_real_loader(comfy_server):
     [fp8_report] = texts["accel0"]
     assert fp8_report.startswith("FP8 Dynamic Quantize: 13 linear layers to FP8 (weight-only: cpu has no FP8 tensor cores")
     assert run_reports(texts["sampler"]) == ["Compile FLUX", "First Block Cache (threshold 0.5)"]
+
+
+def test_interrupt_stops_sampling_through_every_node_promptly_and_the_next_prompt_runs(comfy_server):
+    stack = [FP8_NODE, COMPILE_NODE, FBC_NODE]
+    comfy_server.run(text_to_image(stack, steps=2, seed=12))  # loaded and compiled: the next run samples at once
+    prompt_id = comfy_server.queue(text_to_image(stack, steps=1000, seed=13))
+    comfy_server.wait_until_running(prompt_id)
+    time.sleep(2)
+    interrupted_at = time.monotonic()
+    comfy_server.post("/interrupt", {"prompt_id": prompt_id})
+    with pytest.raises(PromptFailed, match="execution_interrupted"):
+        comfy_server.wait(prompt_id, timeout=60)
+    assert time.monotonic() - interrupted_at < 5
+    comfy_server.run(text_to_image(stack, steps=2, seed=14))
 
 
 def test_bad_fp8_exclusion_fails_the_prompt_and_the_server_stays_up(comfy_server):
