@@ -15,7 +15,8 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
 ACTIVATION_SCALINGS = ("row", "tensor")
 MIN_FP8_MATMUL_CAPABILITY = (8, 9)
-# Keeps all-zero rows at scale > 0 (they quantize to zeros instead of NaN); far below any real row.
+# The smallest scale: all-zero rows quantize to zeros instead of NaN. A normal float32 (subnormals
+# may be flushed to zero by GPU kernels), far below any real row's absmax / 448.
 SCALE_FLOOR = torch.finfo(torch.float32).tiny
 # torch._scaled_mm takes FP8 operands whose inner and outer dimensions are multiples of 16.
 SCALED_MM_ALIGNMENT = 16
@@ -27,7 +28,7 @@ QUANTIZE_CHUNK_ELEMENTS = 2**24
 def quantize_rows(tensor):
     """(FP8 data, float32 scales of shape [rows, 1]): one scale per row, round to nearest."""
     amax = tensor.abs().amax(dim=-1, keepdim=True).float()
-    scale = amax.clamp(min=SCALE_FLOOR) / FP8_MAX
+    scale = (amax / FP8_MAX).clamp(min=SCALE_FLOOR)
     qdata = (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return qdata, scale
 
@@ -46,7 +47,7 @@ def quantize_weight_rows(weight, dtype):
 def quantize_whole(tensor):
     """(FP8 data, float32 scale of shape [1, 1]): one scale for the whole tensor."""
     amax = tensor.abs().amax().float().reshape(1, 1)
-    scale = amax.clamp(min=SCALE_FLOOR) / FP8_MAX
+    scale = (amax / FP8_MAX).clamp(min=SCALE_FLOOR)
     qdata = (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return qdata, scale
 

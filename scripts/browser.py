@@ -39,7 +39,6 @@ class HeadlessChromium:
         self.width, self.height, self.start_timeout = width, height, start_timeout
         self.loop = asyncio.new_event_loop()
         self.message_ids = itertools.count(1)
-        self.console_errors = []
 
     def __enter__(self):
         self.profile = tempfile.mkdtemp(prefix="fluxaccel-chromium-")
@@ -50,8 +49,6 @@ class HeadlessChromium:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             self.loop.run_until_complete(self._connect(self._debugging_port()))
-            self.send("Runtime.enable")
-            self.send("Page.enable")
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -93,7 +90,7 @@ class HeadlessChromium:
         self.socket = await self.session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
 
     def send(self, method, timeout=60, **params):
-        """One DevTools command; returns its result. Console errors met on the way are kept."""
+        """One DevTools command; returns its result (events that arrive meanwhile are not needed)."""
         return self.loop.run_until_complete(asyncio.wait_for(self._send(method, params), timeout))
 
     async def _send(self, method, params):
@@ -105,14 +102,6 @@ class HeadlessChromium:
                 if "error" in message:
                     raise BrowserError(f"{method}: {message['error'].get('message')}")
                 return message["result"]
-            self._note_event(message)
-
-    def _note_event(self, message):
-        if message.get("method") == "Runtime.exceptionThrown":
-            self.console_errors.append(message["params"]["exceptionDetails"].get("text", ""))
-        elif message.get("method") == "Runtime.consoleAPICalled" and message["params"]["type"] == "error":
-            self.console_errors.append(" ".join(str(arg.get("value", arg.get("description", "")))
-                                                for arg in message["params"]["args"]))
 
     def evaluate(self, expression, timeout=60):
         """The JSON value of a JavaScript expression in the page (promises are awaited)."""
