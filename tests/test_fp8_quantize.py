@@ -13,7 +13,7 @@ from flux_fixtures import tiny_flux_patcher
 from fluxaccel.kernels import fp8
 from fluxaccel.nodes import flux_layout
 from fluxaccel.nodes.compile import CompileFlux
-from fluxaccel.nodes.fp8_layout import is_fp8_weight
+from fluxaccel.nodes.fp8_layout import is_fp8_weight, quantize_weight
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize, FP8Marker, QuantizingSetWeight
 from ksampler_helpers import cache_summaries, ksample, relative_error, tiny_lora, with_cache, with_lora
 from test_compile import gpu_like_flux
@@ -188,6 +188,26 @@ def test_composes_with_first_block_cache_in_either_order(cache_first, caplog_inf
     stacked = quantized(with_cache(model, 0.8)) if cache_first else with_cache(quantized(model), 0.8)
     assert torch.equal(ksample(stacked, steps=8), expected)
     assert cache_summaries(caplog_info)[-1] == reuse and reuse[2] > 0
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("input_shape", [(5, 32), (2, 7, 32)])
+def test_linear_on_an_fp8_weight_is_the_fp8_kernel(with_bias, input_shape, monkeypatch):
+    """torch.nn.functional.linear reaches the layout as aten.t then aten.addmm (with bias) or aten.mm,
+    which run the kernel on the FP8 data (not a dequantized fallback)."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(48, 32, generator=generator) * 0.2
+    bias = torch.randn(48, generator=generator) if with_bias else None
+    x = torch.randn(*input_shape, generator=generator)
+    fp8_weight = torch.nn.Parameter(quantize_weight(weight, torch.float32, "row"), requires_grad=False)
+    qdata, scale = fp8.quantize_rows(weight)
+    expected = fp8.fp8_linear(x, qdata, scale, bias)
+    kernel_calls = []
+    kernel = fp8.fp8_linear
+    monkeypatch.setattr(fp8, "fp8_linear", lambda *args: kernel_calls.append(args) or kernel(*args))
+    assert torch.equal(torch.nn.functional.linear(x, fp8_weight, bias).reshape(expected.shape), expected)
+    [(_, kernel_qdata, _, _, activation_scaling)] = kernel_calls
+    assert kernel_qdata is fp8_weight._qdata and activation_scaling == "row"
 
 
 STACK_NODES = {
