@@ -10,13 +10,20 @@ models (per-layer error). Error = ||y - y_bf16|| / ||y_bf16||. Random deep nets 
 difference from block to block, so whole-model errors are reported for reference only.
 
     python scripts/fp8_layer_errors.py --out errors.json --markdown errors.md     (needs an FP8 GPU)
+
+With --trained, the same comparison runs on the trained tiny FLUX of scripts/fidelity.py (real
+prompt conditioning, 16x16 latents) on the CPU, where the pack's FP8 tensor-core path runs with
+torch._scaled_mm's CPU implementation (the same math; tests/test_kernels_fp8.py) and core's
+fp8_e4m3fn_fast with its own fp8_ops layers.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
 import statistics
 import sys
+from unittest import mock
 
 import torch
 
@@ -31,6 +38,7 @@ def parse_args():
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_DIR"), help="ComfyUI folder (default $COMFYUI_DIR)")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--tiny", action="store_true", help="one double + one single block, for a CPU smoke run")
+    parser.add_argument("--trained", action="store_true", help="the trained tiny FLUX of scripts/fidelity.py, on the CPU")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", default=None, help="write the tables as markdown here")
     return parser.parse_args()
@@ -143,7 +151,7 @@ def summary_rows(rows, key, variants):
 
 
 def markdown(report):
-    lines = [f"{report['device']}, torch {report['torch']}, {report['resolution']}², relative error vs bf16", "",
+    lines = [f"{report['device']}, torch {report['torch']}, {report['resolution']}, relative error vs bf16", "",
              "| layers | count | pack FP8 median | pack FP8 max | core fp8_fast median | core fp8_fast max | worst pack/core |",
              "|---|---|---|---|---|---|---|"]
     for entry in report["layer_summary"] + report["block_summary"]:
@@ -154,33 +162,76 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
-@torch.no_grad()
-def main():
-    args = parse_args()
-    flux_fixtures.use_comfyui(args.comfyui)
-    flux_fixtures.import_pack()
+def flux_dev_shaped(args, device):
+    """(bf16, pack FP8, core fp8_fast) patchers of one random FLUX.1-dev-shaped model, and its inputs."""
     from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state_dict = bench_flux.flux_dev_state_dict(*((1, 1) if args.tiny else (19, 38)), device)
     patchers = {
         "bf16": bench_flux.load_model(state_dict, fp8=False),
         "pack_fp8": FP8DynamicQuantize.execute(bench_flux.load_model(state_dict, fp8=False), "per-row", "").result[0],
         "core_fp8fast": bench_flux.load_model(state_dict, fp8=True),
     }
-    del state_dict
+    return patchers, model_inputs(args.resolution, device)
+
+
+def trained_tiny_flux():
+    """(bf16, pack FP8, core fp8_fast) patchers of the trained tiny FLUX, and inputs from its training domain."""
+    import comfy.ops
+    import fidelity
+    import fp8_fidelity
+    import train_tiny_flux
+
+    fidelity.setup_comfyui()
+    model = fidelity.load_shapes_model()
+    patchers = {
+        "bf16": fp8_fidelity.shapes_model_as(model, torch.bfloat16, None),
+        "pack_fp8": fp8_fidelity.pack_fp8(fp8_fidelity.shapes_model_as(model, torch.bfloat16, None)),
+        "core_fp8fast": fp8_fidelity.shapes_model_as(model, torch.float8_e4m3fn, torch.bfloat16, comfy.ops.fp8_ops),
+    }
+    [[context, extra]] = train_tiny_flux.comfy_conditioning(fidelity.spread_conditions(1)[0], model.world)
+    size = model.world.latent_size
+    noisy = torch.randn(1, model.world.channels, size, size, generator=torch.Generator().manual_seed(3))
+    as_bf16 = {"dtype": torch.bfloat16}
+    inputs = (noisy.to(**as_bf16), torch.tensor([0.5], **as_bf16), context.to(**as_bf16))
+    return patchers, (inputs, {"y": extra["pooled_output"].to(**as_bf16), "guidance": torch.tensor([3.5], **as_bf16),
+                               "transformer_options": {}})
+
+
+@torch.no_grad()
+def main():
+    args = parse_args()
+    if args.trained:
+        sys.path.insert(0, SCRIPTS_DIR)
+        import fidelity
+
+        fidelity.setup_comfyui()
+        patchers, (inputs, kwargs) = trained_tiny_flux()
+        device = torch.device("cpu")
+        description = "cpu (the pack's FP8 tensor-core math through torch._scaled_mm on the CPU), trained tiny FLUX"
+    else:
+        flux_fixtures.use_comfyui(args.comfyui)
+        flux_fixtures.import_pack()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        patchers, (inputs, kwargs) = flux_dev_shaped(args, device)
+        description = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     for patcher in patchers.values():
         patcher.patch_model(device_to=device)
     models = {name: patcher.model.diffusion_model for name, patcher in patchers.items()}
     reference = models.pop("bf16")
 
-    inputs, kwargs = model_inputs(args.resolution, device)
-    recorded, expected = record_block_inputs(reference, inputs, kwargs)
-    whole_model = {variant: relative_error(model(*inputs, **kwargs), expected) for variant, model in models.items()}
-    layer_rows, block_rows = compare_blocks(reference, models, recorded)
+    from fluxaccel.kernels import fp8
+
+    emulate_tensor_cores = mock.patch.object(fp8, "fp8_matmul_supported", lambda device: True) if args.trained \
+        else contextlib.nullcontext()
+    with emulate_tensor_cores:
+        recorded, expected = record_block_inputs(reference, inputs, kwargs)
+        whole_model = {variant: relative_error(model(*inputs, **kwargs), expected) for variant, model in models.items()}
+        layer_rows, block_rows = compare_blocks(reference, models, recorded)
     variants = list(models)
     report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "resolution": args.resolution,
+        "device": description, "torch": torch.__version__,
+        "resolution": "16x16 latent" if args.trained else f"{args.resolution}²",
         "whole_model": whole_model,
         "layer_summary": summary_rows(layer_rows, "layer", variants),
         "block_summary": summary_rows(block_rows, "block", variants),

@@ -93,3 +93,22 @@ def test_a_cache_blind_to_change_fails_the_bar(shapes_model, references, monkeyp
     [point] = fidelity.cache_curve([node_default_threshold()], SEEDS, CONDITIONS, model=shapes_model, references=references)
     assert point.skipped_fraction > 0.9
     assert point.mean_psnr < 30.0, f"a blind cache scored {point.mean_psnr:.1f} dB"
+
+
+def test_fp8_keeps_the_trained_models_pictures_with_under_half_of_core_fp8s_error(shapes_model):
+    """FP8 Dynamic Quantize's tensor-core math (torch._scaled_mm on the CPU) against core fp8_e4m3fn_fast,
+    both against the bf16 model, on held-out seeds (scripts/fp8_fidelity.py has the full table)."""
+    import comfy.ops
+
+    import fp8_fidelity
+
+    cases = fidelity.cases_of(CONDITIONS[:3], SEEDS)
+    bf16 = fp8_fidelity.shapes_model_as(shapes_model, torch.bfloat16, None)
+    references = fp8_fidelity.sample_all(bf16, cases, shapes_model.world, fidelity.STEPS)
+    pack = fp8_fidelity.compare(fp8_fidelity.sample_all(fp8_fidelity.pack_fp8(bf16), cases, shapes_model.world,
+                                                        fidelity.STEPS, fp8_tensor_cores=True), references)
+    core_model = fp8_fidelity.shapes_model_as(shapes_model, torch.float8_e4m3fn, torch.bfloat16, comfy.ops.fp8_ops)
+    core = fp8_fidelity.compare(fp8_fidelity.sample_all(core_model, cases, shapes_model.world, fidelity.STEPS), references)
+    assert pack["min_psnr"] > 45.0 and pack["mean_ssim"] > 0.995
+    # Half the root-mean-square error is 6 dB more PSNR.
+    assert pack["mean_psnr"] > core["mean_psnr"] + 20 * math.log10(2), (pack, core)
