@@ -186,9 +186,10 @@ def run_variant(state_dict, variant, args, references):
     held = allocated_gib()
     gc.collect()
     comfy.model_management.soft_empty_cache()
+    held_after_gc = allocated_gib()
     for row in rows:
-        row.update(vram_after_unload_gb=held, vram_after_unload_and_gc_gb=allocated_gib())
-    print(json.dumps({"variant": variant, "vram_after_unload_gb": held, "after_gc": allocated_gib()}), flush=True)
+        row.update(vram_after_unload_gb=held, vram_after_unload_and_gc_gb=held_after_gc)
+    print(json.dumps({"variant": variant, "vram_after_unload_gb": held, "after_gc": held_after_gc}), flush=True)
     return rows
 
 
