@@ -104,4 +104,5 @@ def linear_layer_names(module):
 def select_layers(layer_names, excluded_patterns):
     """(layers to quantize, layers kept), in the order given."""
     kept = [name for name in layer_names if matches_any(name, excluded_patterns)]
-    return [name for name in layer_names if name not in set(kept)], kept
+    kept_names = set(kept)
+    return [name for name in layer_names if name not in kept_names], kept

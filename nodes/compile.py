@@ -78,7 +78,7 @@ class CompileFlux(io.ComfyNode):
                 "seconds rather than minutes. Compiled graphs are kept in ComfyUI's user folder for the next "
                 "start. The sampler node shows how many graphs each run compiled."),
             inputs=[
-                io.Model.Input("model", tooltip="A FLUX model (FLUX.1-dev, FLUX.1-schnell or another of ComfyUI's Flux class)."),
+                io.Model.Input("model", tooltip=flux_layout.MODEL_INPUT_TOOLTIP),
                 io.Combo.Input(
                     "mode", options=list(COMPILE_MODES), default="default",
                     tooltip=("default: fast compile. max-autotune-no-cudagraphs: benchmarks kernel choices while "

@@ -173,7 +173,7 @@ class ApplyFirstBlockCache(io.ComfyNode):
                 "threshold since the last computed step, the other blocks are skipped and their cached "
                 "residual is reused. Steps computed and reused are shown on the sampler node."),
             inputs=[
-                io.Model.Input("model", tooltip="A FLUX model (FLUX.1-dev, FLUX.1-schnell or another of ComfyUI's Flux class)."),
+                io.Model.Input("model", tooltip=flux_layout.MODEL_INPUT_TOOLTIP),
                 io.Float.Input(
                     "residual_diff_threshold", default=0.12, min=0.0, max=1.0, step=0.01,
                     tooltip=("Relative change of the first block's residual below which a step reuses the cache. "

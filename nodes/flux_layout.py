@@ -8,6 +8,8 @@ tokens. A second model family gets its own module like this one.
 import comfy.ldm.flux.model
 
 SUPPORTED_MODELS = "FLUX.1-dev, FLUX.1-schnell, FLUX.2 and other models of ComfyUI's Flux class"
+# The tooltip of the MODEL input of the nodes that take any FLUX.
+MODEL_INPUT_TOOLTIP = "A FLUX model (FLUX.1-dev, FLUX.1-schnell or another of ComfyUI's Flux class)."
 
 
 def flux_diffusion_model(model_patcher, node_name):

@@ -69,16 +69,17 @@ class QuantizingSetWeight:
     def __call__(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
         # ComfyUI itself stores a patched float weight as the merge cast to the model's dtype; the
         # FP8 weight is quantized from exactly that (the cast happens block by block, saving VRAM).
-        dtype = self.layer.weight.dtype
+        layer = self.layer
+        dtype = layer.weight.dtype
         if return_weight:
             # Saving or extracting a LoRA from the model wants the float weights, not the FP8 ones.
             return weight.to(dtype)
         if inplace_update:
             raise ValueError(f"{NODE_NAME} cannot run on a model loaded with in-place weight updates.")
-        if is_fp8_weight(self.layer.weight):
+        if is_fp8_weight(layer.weight):
             raise RuntimeError(f"{NODE_NAME}: {self.layer_path} already holds FP8 weights; quantizing them "
                                "again would compound the error. Report this with your workflow.")
-        self.layer.weight = torch.nn.Parameter(quantize_weight(weight, dtype, self.activation_scaling), requires_grad=False)
+        layer.weight = torch.nn.Parameter(quantize_weight(weight, dtype, self.activation_scaling), requires_grad=False)
 
 
 def retarget_hooks_on_clone(original, clone):

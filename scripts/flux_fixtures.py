@@ -6,8 +6,8 @@ Two kinds:
 - `write_test_model_files`: safetensors files that ComfyUI's own loaders detect (UNETLoader sees a
   FLUX with hidden 3072 and one double + one single block; CLIPLoader a CLIP-L; VAELoader the
   FLUX autoencoder; LoraLoaderModelOnly a LoRA for that FLUX), so end-to-end workflows run through
-  the real loaders. The FLUX takes CLIP-L's
-  768-wide text states (ComfyUI reads `context_in_dim` from the weights): no T5-XXL is needed.
+  the real loaders. The FLUX takes CLIP-L's 768-wide text states (ComfyUI reads `context_in_dim`
+  from the weights): no T5-XXL is needed.
 
 Run as a script with the ComfyUI folder as argument to write the files (skips existing ones).
 """
@@ -112,19 +112,23 @@ def tiny_flux_patcher(seed=0, dtype=torch.float32, **config):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
-def detectable_flux_state_dict(seed=0):
+def detectable_flux(device=None):
     """The smallest FLUX that UNETLoader detects as FLUX: hidden 3072, one double, one single block."""
     import comfy.ldm.flux.model
     import comfy.ops
 
     config = flux_dev_width_unet_config(depth=1, depth_single_blocks=1, context_in_dim=768)
-    model = comfy.ldm.flux.model.Flux(**config, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
-    return randomize_(model, seed).state_dict()
+    return comfy.ldm.flux.model.Flux(**config, dtype=torch.bfloat16, device=device, operations=comfy.ops.disable_weight_init)
+
+
+def detectable_flux_state_dict(seed=0):
+    return randomize_(detectable_flux(), seed).state_dict()
 
 
 def detectable_flux_lora_state_dict(seed=3, rank=4):
     """A LoRA (ComfyUI's generic key format) for the attention and MLP input layers of the test FLUX."""
-    shapes = {name: tensor.shape for name, tensor in detectable_flux_state_dict().items()}
+    # Only the shapes are needed: the meta device allocates nothing.
+    shapes = {name: tensor.shape for name, tensor in detectable_flux(device="meta").state_dict().items()}
     generator = torch.Generator().manual_seed(seed)
     lora = {}
     for layer in ("double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.0", "single_blocks.0.linear1"):

@@ -202,10 +202,6 @@ def trained_tiny_flux():
 def main():
     args = parse_args()
     if args.trained:
-        sys.path.insert(0, SCRIPTS_DIR)
-        import fidelity
-
-        fidelity.setup_comfyui()
         patchers, (inputs, kwargs) = trained_tiny_flux()
         device = torch.device("cpu")
         description = "cpu (the pack's FP8 tensor-core math through torch._scaled_mm on the CPU), trained tiny FLUX"
