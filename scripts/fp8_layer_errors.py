@@ -177,12 +177,13 @@ def flux_dev_shaped(args, device):
 
 def trained_tiny_flux():
     """(bf16, pack FP8, core fp8_fast) patchers of the trained tiny FLUX, and inputs from its training domain."""
-    import comfy.ops
     import fidelity
+
+    fidelity.setup_comfyui()
+    import comfy.ops
     import fp8_fidelity
     import train_tiny_flux
 
-    fidelity.setup_comfyui()
     model = fidelity.load_shapes_model()
     patchers = {
         "bf16": fp8_fidelity.shapes_model_as(model, torch.bfloat16, None),
