@@ -64,33 +64,31 @@ class RowStore:
 
 
 class FirstBlockCache:
-    """State of one sampling run: reference residuals, cached remainders, the step's decision.
+    """State of one sampling run: reference residuals, cached remainders, the step's decision."""
 
-    `reduce_sums` sums a small tensor across ranks when tokens are sharded (context parallel), so
-    every rank computes the same distance and takes the same decision.
-    """
-
-    def __init__(self, residual_diff_threshold: float, max_consecutive_hits: int = 0,
-                 reduce_sums: Optional[ReduceSums] = None):
+    def __init__(self, residual_diff_threshold: float, max_consecutive_hits: int = 0):
         self.residual_diff_threshold = residual_diff_threshold
         self.max_consecutive_hits = max_consecutive_hits
-        self.reduce_sums = reduce_sums
         self.stats = CacheStats()
         self.distances: list[float] = []
         self._first_residuals = RowStore()
         self._remaining_residuals = RowStore()
         self._consecutive_hits = 0
-        self._last_sigma: Optional[float] = None
-        self._reuse_allowed = False
         self._step_decision: Optional[bool] = None
+        # The latest start_step's arguments and how many steps started: what another process
+        # mirrors to keep its own cache of the same run in step (context parallel).
+        self.last_sigma: Optional[float] = None
+        self.reuse_allowed = False
+        self.steps_started = 0
 
     def start_step(self, sigma: float, reuse_allowed: bool) -> None:
         """Called once per model evaluation, before any call of that evaluation runs a block."""
-        if self._last_sigma is not None and sigma > self._last_sigma:
+        if self.last_sigma is not None and sigma > self.last_sigma:
             # The schedule restarted (a new pass of noise): residuals of the old pass do not apply.
             self.reset_residuals()
-        self._last_sigma = sigma
-        self._reuse_allowed = reuse_allowed
+        self.last_sigma = sigma
+        self.reuse_allowed = reuse_allowed
+        self.steps_started += 1
         self._step_decision = None
 
     def reset_residuals(self) -> None:
@@ -98,14 +96,17 @@ class FirstBlockCache:
         self._remaining_residuals.clear()
         self._consecutive_hits = 0
 
-    def should_reuse(self, keys: Sequence[Hashable], first_residual: torch.Tensor) -> bool:
+    def should_reuse(self, keys: Sequence[Hashable], first_residual: torch.Tensor,
+                     reduce_sums: Optional[ReduceSums] = None) -> bool:
         """Decides, for this call, whether the remaining blocks are skipped.
 
         The first call of a step decides for the whole step; later calls (uncond after cond, when
         ComfyUI evaluates them separately) follow it when their own residuals are cached.
+        `reduce_sums` sums the distance's parts across ranks when each holds a share of the tokens
+        (context parallel), so every rank measures the whole residual and decides alike.
         """
         if self._step_decision is None:
-            self._step_decision = self._decide(keys, first_residual)
+            self._step_decision = self._decide(keys, first_residual, reduce_sums)
             if self._step_decision:
                 self.stats.reused_steps += 1
                 self._consecutive_hits += 1
@@ -114,16 +115,17 @@ class FirstBlockCache:
                 self._consecutive_hits = 0
         return self._step_decision and self._remaining_residuals.has(keys)
 
-    def _decide(self, keys: Sequence[Hashable], first_residual: torch.Tensor) -> bool:
-        if not self._reuse_allowed or self.residual_diff_threshold <= 0.0:
+    def _decide(self, keys: Sequence[Hashable], first_residual: torch.Tensor,
+                reduce_sums: Optional[ReduceSums]) -> bool:
+        if not self.reuse_allowed or self.residual_diff_threshold <= 0.0:
             return False
         if 0 < self.max_consecutive_hits <= self._consecutive_hits:
             return False
         if not (self._first_residuals.has(keys, first_residual) and self._remaining_residuals.has(keys)):
             return False
         sums = absolute_difference_sums(first_residual, self._first_residuals.get(keys))
-        if self.reduce_sums is not None:
-            sums = self.reduce_sums(sums)
+        if reduce_sums is not None:
+            sums = reduce_sums(sums)
         distance = relative_l1_distance(sums)
         self.distances.append(distance)
         return distance < self.residual_diff_threshold

@@ -39,6 +39,7 @@ class CountingInductorBackend:
             raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}.")
         if dynamic_shapes not in DYNAMIC_SHAPES:
             raise ValueError(f"dynamic shapes must be one of {', '.join(DYNAMIC_SHAPES)}, got {dynamic_shapes!r}.")
+        self.settings = (mode, dynamic_shapes)
         self.dynamic = DYNAMIC_SHAPES[dynamic_shapes]
         self.inductor_options = torch._inductor.list_mode_options(mode, self.dynamic)
         self.counter = CompileCounter()

@@ -91,7 +91,13 @@ class FirstBlock(CacheBlock):
         out = self.run_block(args, extra)
         first_residual = out["img"] - block_input
         keys = conditioning_keys(options, first_residual.shape[0])
-        reuse = run.cache.should_reuse(keys, first_residual)
+        sharded = options.get(flux_layout.SHARDED_FORWARD_KEY)
+        reduce_sums = None
+        if sharded is not None:
+            # This rank holds a share of the image tokens, padded: measure the real ones, summed over ranks.
+            first_residual = first_residual[:, :sharded.shard.image_tokens]
+            reduce_sums = sharded.sum_across_ranks
+        reuse = run.cache.should_reuse(keys, first_residual, reduce_sums)
         if not reuse:
             run.cache.store_first_residual(keys, first_residual)
         # `options` is forward_orig's own copy: the plan lives exactly as long as this call.
@@ -119,9 +125,10 @@ class LastBlock(CacheBlock):
         return out
 
 
-def install_cache_blocks(model_patcher, double_blocks, single_blocks):
-    dit_replacements = model_patcher.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+def cache_block_replacements(double_blocks, single_blocks, dit_replacements):
+    """`patches_replace["dit"]` entries for every block, keeping `dit_replacements` (others') inside."""
     positions = [("double_block", i) for i in range(double_blocks)] + [("single_block", i) for i in range(single_blocks)]
+    replacements = {}
     for position in positions:
         if position == positions[0]:
             role = FirstBlock
@@ -129,7 +136,14 @@ def install_cache_blocks(model_patcher, double_blocks, single_blocks):
             role = LastBlock
         else:
             role = MiddleBlock
-        model_patcher.set_model_patch_replace(role(dit_replacements.get(position)), "dit", *position)
+        replacements[position] = role(dit_replacements.get(position))
+    return replacements
+
+
+def install_cache_blocks(model_patcher, double_blocks, single_blocks):
+    dit_replacements = model_patcher.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+    for position, replacement in cache_block_replacements(double_blocks, single_blocks, dit_replacements).items():
+        model_patcher.set_model_patch_replace(replacement, "dit", *position)
 
 
 def start_model_evaluation(executor, model, conds, x_in, timestep, model_options, *args, **kwargs):

@@ -31,3 +31,7 @@ def block_counts(diffusion_model):
 # raw latents, timesteps and guidance and feed the output directly; they are 0.1 GiB of FLUX.1-dev.
 # (Norms are not Linear layers and are never quantized.)
 FP8_SENSITIVE_LAYERS = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
+
+# The transformer_options entry through which a forward sharded across ranks (context parallel)
+# tells the other hooks of that forward what this rank holds (a kernels.context_parallel.ShardedForward).
+SHARDED_FORWARD_KEY = "fluxaccel.context_parallel.forward"

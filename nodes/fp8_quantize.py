@@ -15,7 +15,6 @@ Layers ComfyUI leaves offloaded in a partial (lowvram) load are not quantized: t
 model's dtype with the LoRA applied per call, as without this node. The node tells the loader the
 FP8 size of the model, so a model that fits in FP8 is loaded whole.
 """
-import logging
 import weakref
 
 import torch
@@ -30,6 +29,7 @@ from comfy_api.latest import ComfyExtension, io
 from ..kernels import fp8
 from . import CATEGORY, flux_layout
 from .fp8_layout import is_fp8_weight, quantize_weight
+from .patcher_hooks import non_dynamic_clone
 from .reporting import report_run
 
 NODE_NAME = "FP8 Dynamic Quantize"
@@ -183,7 +183,8 @@ class FP8DynamicQuantize(io.ComfyNode):
             raise ValueError(f"{NODE_NAME}: activation_scaling must be one of {', '.join(ACTIVATION_SCALING_OPTIONS)}, "
                              f"not '{activation_scaling}'.")
         flux_layout.flux_diffusion_model(model, NODE_NAME)
-        patched = non_dynamic_clone(model)
+        # The loader must call `set_weight`, which DynamicVRAM (weights streamed per call) does not.
+        patched = non_dynamic_clone(model, NODE_NAME)
         diffusion_model = patched.get_model_object("diffusion_model")
         targets, kept = select_target_layers(diffusion_model, parse_exclusions(exclude))
         check_float_weights(diffusion_model, targets)
@@ -201,20 +202,6 @@ class FP8DynamicQuantize(io.ComfyNode):
         patched.size = fp8_model_size(patched, diffusion_model, targets)
         report_run(execution_summary(patched, targets, kept, scaling))
         return io.NodeOutput(patched)
-
-
-def non_dynamic_clone(model):
-    """A clone whose loader calls `set_weight`: ComfyUI's DynamicVRAM patcher streams weights per call
-    instead, so the node moves the model to ComfyUI's own non-dynamic delegate (re-read from its file)."""
-    if not model.is_dynamic():
-        return model.clone()
-    try:
-        patched = model.clone(disable_dynamic=True)
-    except RuntimeError as error:
-        raise ValueError(f"{NODE_NAME} cannot take this model off DynamicVRAM ({error}). Load it with Load "
-                         "Diffusion Model, or start ComfyUI with --disable-dynamic-vram.") from error
-    logging.info("%s: the model leaves DynamicVRAM for ComfyUI's regular loader, which quantizes at load.", NODE_NAME)
-    return patched
 
 
 class FP8QuantizeExtension(ComfyExtension):

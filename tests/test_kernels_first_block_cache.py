@@ -33,8 +33,8 @@ def test_row_store_keeps_each_conditioning_apart():
     assert not store.has(["other"])
 
 
-def seeded_cache(threshold=0.1, max_consecutive_hits=0, reduce_sums=None):
-    cache = FirstBlockCache(threshold, max_consecutive_hits, reduce_sums)
+def seeded_cache(threshold=0.1, max_consecutive_hits=0):
+    cache = FirstBlockCache(threshold, max_consecutive_hits)
     residual = torch.ones(1, 4, 3)
     cache.start_step(sigma=1.0, reuse_allowed=True)
     assert not cache.should_reuse(["c"], residual), "nothing cached yet"
@@ -93,7 +93,8 @@ def test_zero_threshold_never_reuses():
 def test_reduce_sums_makes_the_decision_global():
     """Under context parallel each rank holds a shard; the summed distance decides for all."""
     other_rank_sums = torch.tensor([10.0, 1.0])
-    cache, residual = seeded_cache(reduce_sums=lambda sums: sums + other_rank_sums)
+    cache, residual = seeded_cache()
     cache.start_step(sigma=0.9, reuse_allowed=True)
-    assert not cache.should_reuse(["c"], residual), "the other rank's large change must veto reuse"
+    assert not cache.should_reuse(["c"], residual, reduce_sums=lambda sums: sums + other_rank_sums), \
+        "the other rank's large change must veto reuse"
     assert cache.distances == pytest.approx([10.0 / 13.0])

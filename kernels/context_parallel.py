@@ -1,0 +1,216 @@
+"""Context parallelism for a diffusion transformer over image rows and text tokens: which rank holds
+which tokens, attention across ranks (para-attn's Ulysses all-to-all and ring), gathering the rows.
+
+Layout: the world's ranks form a grid of `ring` groups of `ulysses` consecutive ranks. Rank r holds
+the r-th share of the image's token rows and of the text tokens; its local sequence is [its text,
+its image rows], each padded to the longest share so every rank holds the same number of tokens
+(what the all-to-all needs). Ulysses gathers the sequence of its group for 1/ulysses of the heads;
+ring attention then passes keys and values around the ring groups. Attention does not care about
+the order of the tokens it sees, as long as each token keeps its own position encoding, which is
+why each rank encodes positions from its own tokens' ids.
+
+Pure torch.distributed and para-attn: nothing here knows about ComfyUI.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from para_attn.para_attn_interface import ring_attn_func, ulysses_attn_func
+
+
+@dataclass(frozen=True)
+class ParallelDegrees:
+    ulysses: int
+    ring: int
+
+    @property
+    def world_size(self) -> int:
+        return self.ulysses * self.ring
+
+
+def degrees_problem(degrees: ParallelDegrees, heads: int) -> Optional[str]:
+    """Why these degrees cannot split a model with `heads` attention heads (None when they can)."""
+    if degrees.ulysses < 1 or degrees.ring < 1:
+        return f"Ulysses and ring degrees must be at least 1, got {degrees.ulysses} and {degrees.ring}."
+    if heads % degrees.ulysses != 0:
+        fitting = [d for d in range(1, heads + 1) if heads % d == 0]
+        return (f"the Ulysses degree {degrees.ulysses} does not divide the model's {heads} attention heads; "
+                f"use one of {', '.join(map(str, fitting))} (and ring attention for the rest).")
+    return None
+
+
+def balanced_shares(total: int, parts: int) -> list[tuple[int, int]]:
+    """(start, count) of each of `parts` contiguous shares of `total` items, counts differing by at most one."""
+    base, extra = divmod(total, parts)
+    shares, start = [], 0
+    for index in range(parts):
+        count = base + (1 if index < extra else 0)
+        shares.append((start, count))
+        start += count
+    return shares
+
+
+@dataclass(frozen=True)
+class TokenShard:
+    """One rank's tokens of one forward: image token rows and text tokens, padded to equal lengths."""
+    rank: int
+    row_shares: tuple  # (start, count) of image token rows, per rank
+    text_shares: tuple  # (start, count) of text tokens, per rank
+    row_tokens: int  # image tokens per row
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        return self.row_shares[self.rank]
+
+    @property
+    def text(self) -> tuple[int, int]:
+        return self.text_shares[self.rank]
+
+    @property
+    def padded_image_tokens(self) -> int:
+        return max(count for _, count in self.row_shares) * self.row_tokens
+
+    @property
+    def padded_text_tokens(self) -> int:
+        return max(count for _, count in self.text_shares)
+
+    @property
+    def image_tokens(self) -> int:
+        return self.rows[1] * self.row_tokens
+
+    @property
+    def padded(self) -> bool:
+        return (len({count for _, count in self.row_shares}) > 1
+                or len({count for _, count in self.text_shares}) > 1)
+
+    def image_token_range(self) -> tuple[int, int]:
+        start, count = self.rows
+        return start * self.row_tokens, (start + count) * self.row_tokens
+
+    def key_padding_mask(self, dtype, device) -> torch.Tensor:
+        """Additive mask over the gathered sequence (all ranks' [text, image] in rank order):
+        0 for real tokens, -inf for padding, shaped to broadcast over batch, heads and queries."""
+        valid = []
+        for (_, text_count), (_, row_count) in zip(self.text_shares, self.row_shares):
+            image_count = row_count * self.row_tokens
+            valid += [True] * text_count + [False] * (self.padded_text_tokens - text_count)
+            valid += [True] * image_count + [False] * (self.padded_image_tokens - image_count)
+        valid = torch.tensor(valid, device=device)
+        mask = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill(~valid, float("-inf"))
+        return mask.view(1, 1, 1, -1)
+
+
+def token_shard(rank: int, world_size: int, token_rows: int, row_tokens: int, text_tokens: int) -> TokenShard:
+    return TokenShard(rank, tuple(balanced_shares(token_rows, world_size)),
+                      tuple(balanced_shares(text_tokens, world_size)), row_tokens)
+
+
+def pad_tokens(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero tokens appended along dim 1 up to `length`."""
+    missing = length - tokens.shape[1]
+    if missing == 0:
+        return tokens
+    return torch.cat((tokens, tokens.new_zeros(tokens.shape[0], missing, *tokens.shape[2:])), dim=1)
+
+
+def shard_text(tokens: torch.Tensor, shard: TokenShard) -> torch.Tensor:
+    start, count = shard.text
+    return pad_tokens(tokens[:, start:start + count], shard.padded_text_tokens)
+
+
+@dataclass
+class RankGroups:
+    """This rank's process groups: the whole world, its Ulysses group and its ring group."""
+    world: Optional[dist.ProcessGroup]
+    ulysses: Optional[dist.ProcessGroup]
+    ring: Optional[dist.ProcessGroup]
+    degrees: ParallelDegrees
+    rank: int
+
+
+def make_rank_groups(degrees: ParallelDegrees) -> RankGroups:
+    """Creates the Ulysses and ring groups; every rank of the initialized world must call it."""
+    rank = dist.get_rank()
+    ulysses_group = ring_group = None
+    for ring_index in range(degrees.ring):
+        ranks = [ring_index * degrees.ulysses + i for i in range(degrees.ulysses)]
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            ulysses_group = group
+    for ulysses_index in range(degrees.ulysses):
+        ranks = [r * degrees.ulysses + ulysses_index for r in range(degrees.ring)]
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            ring_group = group
+    return RankGroups(dist.group.WORLD, ulysses_group, ring_group, degrees, rank)
+
+
+AttentionFunction = Callable[..., torch.Tensor]
+
+
+def parallel_attention(query, key, value, groups: RankGroups, local_attention: AttentionFunction,
+                       key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of this rank's queries over every rank's keys, [batch, heads, tokens, head_dim] in and out.
+
+    `local_attention(q, k, v, attn_mask=None, ...)` computes attention on one rank's tensors (the
+    host's own attention). Padding needs a mask, which ring attention does not take.
+    """
+    degrees = groups.degrees
+    if degrees.ring > 1:
+        if key_padding_mask is not None:
+            raise ValueError("ring attention needs equal token shares (no padding)")
+
+        def ring_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+            return ring_attn_func(q, k, v, scale=scale, mesh=groups.ring)
+
+        if degrees.ulysses == 1:
+            return ring_attention(query, key, value)
+        return ulysses_attn_func(query, key, value, mesh=groups.ulysses, attn_func=ring_attention)
+
+    def masked_local_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+        return local_attention(q, k, v, attn_mask=key_padding_mask)
+
+    return ulysses_attn_func(query, key, value, mesh=groups.ulysses, attn_func=masked_local_attention)
+
+
+def gather_rows(local_rows: torch.Tensor, shard: TokenShard, patch_size: int, group=None) -> torch.Tensor:
+    """All ranks' row shares of a [batch, channels, rows, width] output, concatenated in row order.
+
+    Shares differ by at most one token row, so each is padded to the longest for the all-gather.
+    """
+    longest = max(count for _, count in shard.row_shares) * patch_size
+    padded = F.pad(local_rows, (0, 0, 0, longest - local_rows.shape[2])).contiguous()
+    gathered = [torch.empty_like(padded) for _ in shard.row_shares]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([rows[:, :, :count * patch_size] for rows, (_, count) in zip(gathered, shard.row_shares)], dim=2)
+
+
+def sum_across_ranks(group=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function that sums a small tensor over the ranks of `group` (First Block Cache's distance)."""
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, group=group)
+        return tensor
+    return reduce
+
+
+@dataclass
+class ShardedForward:
+    """What one rank holds in one forward, for the hooks that shard, attend and measure inside it."""
+    groups: RankGroups
+    shard: TokenShard
+    image_ids: torch.Tensor  # position ids of this rank's image tokens in the whole image, padded
+    previous_attention: Optional[Callable] = None  # an attention override that was already in place
+
+    def __post_init__(self):
+        self.sum_across_ranks = sum_across_ranks(self.groups.world)
+        self._masks = {}
+
+    def key_padding_mask(self, dtype, device) -> Optional[torch.Tensor]:
+        if not self.shard.padded:
+            return None
+        if dtype not in self._masks:
+            self._masks[dtype] = self.shard.key_padding_mask(dtype, device)
+        return self._masks[dtype]

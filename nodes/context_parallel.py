@@ -1,0 +1,244 @@
+"""Context Parallel (multi-GPU): every FLUX forward of a sampling run shared by several GPUs.
+
+Hook-up, through ComfyUI's extension points:
+- an OUTER_SAMPLE wrapper starts the worker processes when first needed (they stay for later
+  prompts) and gives the run its context;
+- a DIFFUSION_MODEL wrapper sends the workers rank 0's loaded weights when they do not hold them
+  yet (LoRA merged, FP8 as quantized), then the forward's inputs, and runs rank 0's share: the
+  sharding itself is in context_parallel_ranks, shared with the workers;
+- an ON_DETACH callback frees the workers' replica when ComfyUI unloads the model.
+"""
+import itertools
+import os
+import weakref
+from typing import Optional
+
+import torch
+from typing_extensions import override
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+from comfy_api.latest import ComfyExtension, io
+
+from ..kernels.context_parallel import ParallelDegrees, degrees_problem
+from ..kernels.tensor_transport import send_tensors, to_slots
+from . import CATEGORY, compile as compile_node, first_block_cache, flux_layout
+from .context_parallel_pool import PoolLayout, RankPool, active_pool, pool_for, rendezvous_port
+from .context_parallel_ranks import (CALL_OPTION_KEYS, CacheDecisions, CacheStep, ForwardRequest, ReplicaSpec,
+                                     cache_decisions, forward_on_rank, unsupported_inputs)
+from .patcher_hooks import non_dynamic_clone, set_wrapper
+from .reporting import report_run
+
+NODE_NAME = "Context Parallel (multi-GPU)"
+LAYOUT_KEY = "fluxaccel.context_parallel"
+RUN_KEY = "fluxaccel.context_parallel.run"
+WRAPPER_KEY = "fluxaccel.context_parallel"
+
+# A serial per BaseModel object, so a new model at a freed model's address is not taken for it.
+_model_serials = weakref.WeakKeyDictionary()
+_next_model_serial = itertools.count()
+
+
+class ContextParallelRun:
+    """One sampling run across the pool's ranks."""
+
+    def __init__(self, pool: RankPool, model_patcher, serial: int):
+        self.pool = pool
+        self.model_patcher = model_patcher
+        self.serial = serial
+        # First Block Cache's run on rank 0, when the model has it: the workers mirror its steps.
+        self.cache_run = None
+
+    def summary(self) -> str:
+        layout = self.pool.layout
+        text = (f"{NODE_NAME}: {layout.degrees.world_size} {'GPUs' if self.pool.device.type == 'cuda' else 'processes'} "
+                f"(Ulysses {layout.degrees.ulysses} x ring {layout.degrees.ring})")
+        if self.cache_run is None:
+            return text
+        ours = cache_decisions(self.cache_run)
+        if any(theirs != ours for theirs in self.pool.ask(CacheDecisions())):
+            raise RuntimeError(f"{NODE_NAME}: First Block Cache decided differently on the ranks; please report this.")
+        return text + f"; First Block Cache took the same {ours[0] + ours[1]} decisions on every rank"
+
+
+def replica_key(model_patcher, model_options) -> tuple:
+    """Identifies the weights and per-model behaviours a replica must have."""
+    model = model_patcher.model
+    if model not in _model_serials:
+        _model_serials[model] = next(_next_model_serial)
+    serial = _model_serials[model]
+    return (serial, model.current_weight_patches_uuid, compile_settings(model_options),
+            first_block_cache.SETTINGS_KEY in model_options["transformer_options"])
+
+
+def compile_settings(model_options) -> Optional[tuple]:
+    backend = model_options.get(compile_node.BACKEND_KEY)
+    return None if backend is None else backend.settings
+
+
+def uncompiled_names(named_tensors) -> dict:
+    """Tensors by their names in the plain model: during a forward, Compile FLUX's compiled blocks
+    stand in for the blocks and add `_orig_mod.` to their names."""
+    return {name.replace("_orig_mod.", ""): tensor for name, tensor in named_tensors}
+
+
+def replica_spec(model_patcher, model_options, key):
+    """(spec, tensors) of rank 0's loaded diffusion model, as the workers rebuild it."""
+    model = model_patcher.model
+    diffusion_model = model.diffusion_model
+    if getattr(model, "model_lowvram", False):
+        raise ValueError(f"{NODE_NAME} needs the whole model in the first GPU's memory, but ComfyUI loaded it "
+                         "partially (low VRAM). Free VRAM (unload other models) or use a smaller weight dtype.")
+    tensors = []
+    parameters, buffers = to_slots([uncompiled_names(diffusion_model.named_parameters()),
+                                    uncompiled_names(diffusion_model.named_buffers())], tensors)
+    config = model.model_config
+    spec = ReplicaSpec(key, type(config), dict(config.unet_config), config.manual_cast_dtype,
+                       dict(config.optimizations), parameters, buffers, compile_settings(model_options),
+                       first_block_cache.SETTINGS_KEY in model_options["transformer_options"])
+    return spec, tensors
+
+
+def cache_step(transformer_options, run_serial) -> Optional[CacheStep]:
+    run = transformer_options.get(first_block_cache.RUN_KEY)
+    if run is None:
+        return None
+    settings = transformer_options[first_block_cache.SETTINGS_KEY]
+    return CacheStep(run_serial, run.cache.steps_started, run.cache.last_sigma, run.cache.reuse_allowed,
+                     settings.residual_diff_threshold, settings.max_consecutive_hits)
+
+
+def sample_across_ranks(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: the pool (started when needed) and the run's context."""
+    guider = executor.class_obj
+    pool = pool_for(guider.model_options[LAYOUT_KEY])
+    pool.run_serial += 1
+    original_options = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    run = ContextParallelRun(pool, guider.model_patcher, pool.run_serial)
+    guider.model_options["transformer_options"][RUN_KEY] = run
+    try:
+        samples = executor(*args, **kwargs)
+    finally:
+        guider.model_options = original_options
+    report_run(run.summary())
+    return samples
+
+
+def forward_across_ranks(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                         transformer_options={}, **kwargs):
+    """DIFFUSION_MODEL wrapper: one FLUX forward shared by every rank."""
+    run: Optional[ContextParallelRun] = transformer_options.get(RUN_KEY)
+    if run is None:
+        return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+    problem = unsupported_inputs(ref_latents, control, kwargs)
+    if problem is not None:
+        raise ValueError(f"{NODE_NAME}: {problem}; sample without this node.")
+    pool, patcher = run.pool, run.model_patcher
+    model_options = patcher.model_options
+    run.cache_run = transformer_options.get(first_block_cache.RUN_KEY)
+    try:
+        key = replica_key(patcher, model_options)
+        pool.ensure_replica(key, lambda: replica_spec(patcher, model_options, key))
+        tensors = []
+        inputs = to_slots({"x": x, "timestep": timestep, "context": context, "y": y, "guidance": guidance,
+                           "kwargs": kwargs}, tensors)
+        call_options = {name: transformer_options[name] for name in CALL_OPTION_KEYS if name in transformer_options}
+        pool.send(ForwardRequest(inputs, call_options, cache_step(transformer_options, run.serial)))
+        send_tensors(tensors, pool.device)
+
+        def run_rows(x_rows, options):
+            return executor(x_rows, timestep, context, y, guidance, ref_latents, control, options, **kwargs)
+
+        return forward_on_rank(run_rows, executor.class_obj, x, context.shape[1], transformer_options, pool.groups)
+    except Exception as error:
+        raise pool.failure(error) from error
+
+
+def release_replica(model_patcher, unpatch_all):
+    """ON_DETACH callback: ComfyUI unloaded the model, so the workers free their copy too."""
+    pool = active_pool()
+    if pool is not None and pool.replica_key is not None and pool.replica_key[0] == _model_serials.get(model_patcher.model):
+        pool.drop_replica()
+
+
+def pool_layout(gpus, degrees: ParallelDegrees, port) -> PoolLayout:
+    """Which device each rank uses: ComfyUI's device first, then the next visible GPUs (CPU processes without GPU)."""
+    device = comfy.model_management.get_torch_device()
+    if device.type != "cuda":
+        if degrees.ring > 1:
+            raise ValueError(f"{NODE_NAME}: ring attention needs CUDA GPUs; on this {device.type} ComfyUI use "
+                             "ring_degree 1 (Ulysses only).")
+        return PoolLayout(degrees, ("cpu",) * gpus, ("",) * gpus, port)
+    visible = torch.cuda.device_count()
+    if gpus > visible:
+        raise ValueError(f"{NODE_NAME}: {gpus} GPUs asked for, {visible} visible to ComfyUI. Lower 'gpus' "
+                         "(or make more GPUs visible with CUDA_VISIBLE_DEVICES).")
+    indices = [device.index or 0] + [i for i in range(visible) if i != (device.index or 0)][:gpus - 1]
+    names = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
+    physical = [names[i] if i < len(names) else str(i) for i in indices]
+    return PoolLayout(degrees, tuple(f"cuda:{i}" for i in indices), tuple(physical), port)
+
+
+class ContextParallel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FluxAccelContextParallel",
+            display_name=NODE_NAME,
+            category=CATEGORY,
+            description=(
+                "Shares every FLUX forward between several GPUs: each takes a band of the image's tokens and "
+                "a share of the prompt's, and attention runs across them (Ulysses all-to-all over heads, ring "
+                "attention over GPU groups). The output equals one GPU's within rounding. Worker processes "
+                "start on the first run (seconds) and stay for later prompts. Put it last in the chain: "
+                "LoRA, FP8 Dynamic Quantize, Compile FLUX and First Block Cache carry over to every GPU."),
+            inputs=[
+                io.Model.Input("model", tooltip=flux_layout.MODEL_INPUT_TOOLTIP),
+                io.Int.Input("gpus", default=2, min=1, max=64,
+                             tooltip=("How many GPUs share each forward: ComfyUI's GPU and the next ones. "
+                                      "On a CPU-only ComfyUI: how many processes. 1 leaves the model as it is.")),
+                io.Int.Input("ulysses_degree", default=0, min=0, max=64,
+                             tooltip=("GPUs that split the attention heads (all-to-all); must divide FLUX's 24 "
+                                      "heads: 1, 2, 3, 4, 6, 8, 12, 24. 0: gpus / ring_degree.")),
+                io.Int.Input("ring_degree", default=1, min=1, max=64,
+                             tooltip=("GPU groups that pass keys and values around a ring; needs CUDA. "
+                                      "ulysses_degree x ring_degree must equal gpus.")),
+                io.Int.Input("port", default=0, min=0, max=65535,
+                             tooltip="Local TCP port where the GPUs' processes meet; 0 picks a free one."),
+            ],
+            outputs=[io.Model.Output(tooltip="The same model; its forwards run across the GPUs while sampling.")],
+        )
+
+    @classmethod
+    def execute(cls, model, gpus, ulysses_degree, ring_degree, port) -> io.NodeOutput:
+        diffusion_model = flux_layout.flux_diffusion_model(model, NODE_NAME)
+        if gpus == 1:
+            report_run(f"{NODE_NAME}: 1 GPU asked for, the model runs as it is.")
+            return io.NodeOutput(model)
+        degrees = ParallelDegrees(ulysses_degree or max(1, gpus // ring_degree), ring_degree)
+        if degrees.world_size != gpus:
+            raise ValueError(f"{NODE_NAME}: ulysses_degree {degrees.ulysses} x ring_degree {degrees.ring} = "
+                             f"{degrees.world_size}, but gpus is {gpus}; make the product equal gpus.")
+        problem = degrees_problem(degrees, diffusion_model.num_heads)
+        if problem is not None:
+            raise ValueError(f"{NODE_NAME}: {problem}")
+        layout = pool_layout(gpus, degrees, port)
+        running = active_pool()
+        if port != 0 and (running is None or running.layout.port != port):
+            rendezvous_port(port)
+        # Rank 0 sends its loaded weights; DynamicVRAM would stream them per call instead.
+        patched = non_dynamic_clone(model, NODE_NAME)
+        patched.model_options[LAYOUT_KEY] = layout
+        set_wrapper(patched, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sample_across_ranks)
+        set_wrapper(patched, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, forward_across_ranks)
+        patched.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY)
+        patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY, release_replica)
+        return io.NodeOutput(patched)
+
+
+class ContextParallelExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [ContextParallel]

@@ -1,0 +1,288 @@
+"""What every rank of Context Parallel runs: the sharded FLUX forward, and the worker processes' loop.
+
+One forward on every rank (ComfyUI's process is rank 0, each extra GPU has a worker process):
+- the latent's token rows are split across ranks and each rank runs FLUX on its rows, so ComfyUI's
+  own `_forward` patchifies, embeds and unpatchifies its share;
+- a `patches["post_input"]` hook (run after the embedders) takes this rank's share of the text
+  tokens, pads both shares to the common length, and gives the image tokens their positions in
+  the whole image, so each rank's RoPE comes from its own tokens' ids;
+- an `optimized_attention_override` runs attention across ranks (Ulysses, ring), with ComfyUI's
+  own attention function on each rank's heads;
+- the ranks' output rows are all-gathered into the whole prediction.
+Workers build their replica from the weights rank 0 broadcasts (LoRA merged, FP8 as quantized),
+then mirror the pack's per-model behaviours: Compile FLUX compiles their blocks, First Block Cache
+installs its blocks and follows rank 0's steps, deciding on distances summed across ranks.
+"""
+import gc
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+import comfy.ldm.common_dit
+import comfy.utils
+
+from ..kernels.context_parallel import (ParallelDegrees, RankGroups, ShardedForward, make_rank_groups,
+                                        parallel_attention, pad_tokens, shard_text, token_shard, gather_rows)
+from ..kernels.tensor_transport import from_slots, receive_tensors, tensor_slots
+from . import first_block_cache, flux_layout
+from .first_block_cache import CacheRun, cache_block_replacements
+from ..kernels.first_block_cache import FirstBlockCache
+from ..kernels.regional_compile import shared_inductor_backend
+
+# The per-call transformer_options entries rank 0 passes on: First Block Cache keys its residuals by them.
+CALL_OPTION_KEYS = ("cond_or_uncond", "uuids")
+
+
+# ---- the sharded forward (every rank) ----
+
+def shard_tokens(args):
+    """`patches["post_input"]` hook: this rank's text share, both shares padded, image positions in the whole image."""
+    sharded: Optional[ShardedForward] = args["transformer_options"].get(flux_layout.SHARDED_FORWARD_KEY)
+    if sharded is None:
+        return args
+    shard = sharded.shard
+    return {"img": pad_tokens(args["img"], shard.padded_image_tokens),
+            "txt": shard_text(args["txt"], shard),
+            "img_ids": sharded.image_ids,
+            "txt_ids": shard_text(args["txt_ids"], shard)}
+
+
+def attention_across_ranks(attention, query, key, value, heads, *args, **kwargs):
+    """`optimized_attention_override`: FLUX's attention ([batch, heads, tokens, head_dim]) over all ranks' tokens."""
+    options = kwargs.get("transformer_options") or {}
+    sharded: Optional[ShardedForward] = options.get(flux_layout.SHARDED_FORWARD_KEY)
+    if sharded is None or not kwargs.get("skip_reshape", False):
+        raise RuntimeError("Context Parallel met an attention call outside FLUX's sharded blocks")
+
+    def local_attention(q, k, v, attn_mask=None):
+        local_kwargs = dict(kwargs, mask=attn_mask, skip_output_reshape=True)
+        if sharded.previous_attention is not None:
+            return sharded.previous_attention(attention, q, k, v, q.shape[1], *args, **local_kwargs)
+        return attention(q, k, v, q.shape[1], *args, **local_kwargs)
+
+    out = parallel_attention(query, key, value, sharded.groups, local_attention,
+                             sharded.key_padding_mask(query.dtype, query.device))
+    if kwargs.get("skip_output_reshape", False):
+        return out
+    batch, out_heads, tokens, head_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, tokens, out_heads * head_dim)
+
+
+def with_sharding_hooks(options, sharded: ShardedForward):
+    options = options.copy()
+    patches = dict(options.get("patches", {}))
+    patches["post_input"] = list(patches.get("post_input", [])) + [shard_tokens]
+    options["patches"] = patches
+    options["optimized_attention_override"] = attention_across_ranks
+    options[flux_layout.SHARDED_FORWARD_KEY] = sharded
+    return options
+
+
+def forward_on_rank(run_rows, diffusion_model, x, text_tokens, options, groups: RankGroups):
+    """This rank's part of one FLUX forward on the whole latent `x`; returns the whole prediction.
+
+    `run_rows(x_rows, options)` runs the diffusion model on a band of latent rows.
+    """
+    patch = diffusion_model.patch_size
+    height, width = x.shape[-2:]
+    x = comfy.ldm.common_dit.pad_to_patch_size(x, (patch, patch))
+    token_rows, row_tokens = x.shape[-2] // patch, x.shape[-1] // patch
+    world_size = groups.degrees.world_size
+    if token_rows < world_size:
+        raise ValueError(f"the latent has {token_rows} token rows, fewer than the {world_size} GPUs sharing them; "
+                         "use a larger image or fewer GPUs.")
+    shard = token_shard(groups.rank, world_size, token_rows, row_tokens, text_tokens)
+    if shard.padded and groups.degrees.ring > 1:
+        raise ValueError(f"ring attention needs the image's {token_rows} token rows and the prompt's {text_tokens} "
+                         f"tokens to divide by {world_size} GPUs; change the size or use Ulysses only (ring degree 1).")
+    _, image_ids = diffusion_model.process_img(x, transformer_options=options)
+    start, end = shard.image_token_range()
+    sharded = ShardedForward(groups, shard, pad_tokens(image_ids[:, start:end], shard.padded_image_tokens),
+                             options.get("optimized_attention_override"))
+    row_start, row_count = shard.rows
+    rows = run_rows(x[:, :, row_start * patch:(row_start + row_count) * patch], with_sharding_hooks(options, sharded))
+    return gather_rows(rows, shard, patch, groups.world)[:, :, :height, :width]
+
+
+def unsupported_inputs(ref_latents, control, kwargs) -> Optional[str]:
+    if ref_latents is not None:
+        return "reference latents (FLUX Kontext) are not supported yet"
+    if control is not None:
+        return "ControlNet is not supported yet"
+    if kwargs.get("attention_mask") is not None:
+        return "a text attention mask is not supported yet"
+    return None
+
+
+# ---- messages from rank 0 to the workers ----
+
+@dataclass
+class ReplicaSpec:
+    """How a worker builds the same diffusion model as rank 0's, loaded and patched."""
+    key: tuple
+    model_config_class: type
+    unet_config: dict
+    manual_cast_dtype: Optional[torch.dtype]
+    optimizations: dict
+    parameters: dict  # name -> slot, bytes sent after the spec
+    buffers: dict
+    compile_settings: Optional[tuple]  # (mode, dynamic_shapes) of Compile FLUX
+    first_block_cache: bool
+
+
+@dataclass
+class CacheStep:
+    """Rank 0's First Block Cache state at a forward, for the workers to mirror."""
+    run_serial: int
+    steps_started: int
+    sigma: Optional[float]
+    reuse_allowed: bool
+    residual_diff_threshold: float
+    max_consecutive_hits: int
+
+
+@dataclass
+class ForwardRequest:
+    inputs: dict  # slotted x, timestep, context, y, guidance, kwargs; bytes sent after the request
+    call_options: dict
+    cache_step: Optional[CacheStep]
+
+
+@dataclass
+class DropReplica:
+    pass
+
+
+@dataclass
+class CacheDecisions:
+    """Asks each worker for its First Block Cache's decisions in the run: answered over its connection."""
+    pass
+
+
+@dataclass
+class Stop:
+    pass
+
+
+# ---- the worker side ----
+
+def build_replica(spec: ReplicaSpec, device):
+    """The diffusion model of `spec` on `device`, its weights received from rank 0."""
+    model_config = spec.model_config_class(dict(spec.unet_config))
+    model_config.set_inference_dtype(spec.unet_config.get("dtype"), spec.manual_cast_dtype)
+    model_config.optimizations = dict(spec.optimizations)
+    diffusion_model = model_config.get_model({}, "", device=torch.device("meta")).diffusion_model
+    received = iter(receive_tensors(tensor_slots([spec.parameters, spec.buffers]), device))
+    parameters, buffers = from_slots([spec.parameters, spec.buffers], received)
+    for name, tensor in parameters.items():
+        comfy.utils.set_attr_param(diffusion_model, name, tensor)
+    for name, tensor in buffers.items():
+        comfy.utils.set_attr(diffusion_model, name, tensor)
+    if spec.compile_settings is not None:
+        backend = shared_inductor_backend(*spec.compile_settings)
+        for block in list(diffusion_model.double_blocks) + list(diffusion_model.single_blocks):
+            block.compile(backend=backend, dynamic=backend.dynamic)
+    return diffusion_model
+
+
+class MirroredCache:
+    """A worker's First Block Cache, started and stepped as rank 0's."""
+
+    def __init__(self):
+        self.run: Optional[CacheRun] = None
+        self.run_serial = None
+
+    def options(self, step: Optional[CacheStep]) -> dict:
+        if step is None:
+            self.run = None
+            return {}
+        if self.run is None or self.run_serial != step.run_serial:
+            cache = FirstBlockCache(step.residual_diff_threshold, step.max_consecutive_hits)
+            self.run, self.run_serial = CacheRun(cache, start_sigma=float("inf"), end_sigma=0.0), step.run_serial
+        if self.run.cache.steps_started != step.steps_started:
+            self.run.cache.start_step(step.sigma, step.reuse_allowed)
+            self.run.cache.steps_started = step.steps_started
+        return {first_block_cache.RUN_KEY: self.run}
+
+
+def cache_decisions(run: Optional[CacheRun]) -> Optional[tuple]:
+    """(steps computed, steps reused, the distances measured) of a First Block Cache run."""
+    if run is None:
+        return None
+    return run.cache.stats.computed_steps, run.cache.stats.reused_steps, list(run.cache.distances)
+
+
+@dataclass
+class Replica:
+    diffusion_model: torch.nn.Module
+    options: dict  # the replica's own transformer_options (First Block Cache's blocks)
+
+
+def make_replica(spec: ReplicaSpec, device) -> Replica:
+    diffusion_model = build_replica(spec, device)
+    options = {}
+    if spec.first_block_cache:
+        replacements = cache_block_replacements(*flux_layout.block_counts(diffusion_model), {})
+        options["patches_replace"] = {"dit": replacements}
+    return Replica(diffusion_model, options)
+
+
+def serve_forward(replica: Replica, request: ForwardRequest, mirror: MirroredCache, device, groups: RankGroups):
+    inputs = from_slots(request.inputs, iter(receive_tensors(tensor_slots(request.inputs), device)))
+    options = {**replica.options, **request.call_options, **mirror.options(request.cache_step)}
+    kwargs = inputs["kwargs"]
+
+    def run_rows(x_rows, rank_options):
+        return replica.diffusion_model(x_rows, inputs["timestep"], inputs["context"], inputs["y"], inputs["guidance"],
+                                       None, None, rank_options, **kwargs)
+
+    with torch.inference_mode():
+        forward_on_rank(run_rows, replica.diffusion_model, inputs["x"], inputs["context"].shape[1], options, groups)
+
+
+def serve(connection, device, groups: RankGroups):
+    """A worker's loop: replicas and forwards as rank 0 asks, until told to stop."""
+    replica, mirror = None, MirroredCache()
+    while True:
+        message = connection.recv()
+        if isinstance(message, Stop):
+            return
+        if isinstance(message, (ReplicaSpec, DropReplica)):
+            replica = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if isinstance(message, ReplicaSpec):
+            replica = make_replica(message, device)
+        elif isinstance(message, ForwardRequest):
+            serve_forward(replica, message, mirror, device, groups)
+        elif isinstance(message, CacheDecisions):
+            connection.send(cache_decisions(mirror.run))
+
+
+def worker_main(connection, setup: dict):
+    """Entry of a worker process (see context_parallel_worker.py): joins the world and serves it.
+
+    Any failure is reported to rank 0 over `connection` and ends the process, which breaks the
+    ranks' collectives so rank 0 fails the prompt instead of waiting.
+    """
+    try:
+        device = torch.device(setup["device"])
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        connection.send("ready")
+        dist.init_process_group(setup["backend"], init_method=setup["init_method"], rank=setup["rank"],
+                                world_size=setup["world_size"], timeout=setup["timeout"],
+                                **({"device_id": device} if device.type == "cuda" else {}))
+        groups = make_rank_groups(ParallelDegrees(*setup["degrees"]))
+        serve(connection, device, groups)
+        dist.destroy_process_group()
+    except BaseException as error:
+        logging.exception("Context Parallel worker %s failed", setup.get("rank"))
+        connection.send(("failed", f"{type(error).__name__}: {error}", traceback.format_exc()))
+        raise
+
