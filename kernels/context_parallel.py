@@ -1,10 +1,11 @@
 """Context parallelism for a diffusion transformer over image rows and text tokens: which rank holds
 which tokens, attention across ranks (para-attn's Ulysses all-to-all and ring), gathering the rows.
 
-Layout: the world's ranks form a grid of `ring` groups of `ulysses` consecutive ranks. Rank r holds
-the r-th share of the image's token rows and of the text tokens; its local sequence is [its text,
-its image rows], each padded to the longest share so every rank holds the same number of tokens
-(what the all-to-all needs). Ulysses gathers the sequence of its group for 1/ulysses of the heads;
+Layout: the world's ranks form `batch` groups (CFG parallel: each takes a share of the batch) of
+`ring` groups of `ulysses` consecutive ranks. Within its batch group, rank r holds the r-th share
+of the image's token rows and of the text tokens; its local sequence is [its text, its image rows],
+each padded to the longest share so every rank holds the same number of tokens (what the
+all-to-all needs). Ulysses gathers the sequence of its group for 1/ulysses of the heads;
 ring attention then passes keys and values around the ring groups. Attention does not care about
 the order of the tokens it sees, as long as each token keeps its own position encoding, which is
 why each rank encodes positions from its own tokens' ids.
@@ -24,15 +25,20 @@ from para_attn.para_attn_interface import ring_attn_func, ulysses_attn_func
 class ParallelDegrees:
     ulysses: int
     ring: int
+    batch: int = 1  # groups of ulysses x ring ranks that take a share of the batch each (CFG parallel)
+
+    @property
+    def sequence_size(self) -> int:
+        return self.ulysses * self.ring
 
     @property
     def world_size(self) -> int:
-        return self.ulysses * self.ring
+        return self.batch * self.sequence_size
 
 
 def degrees_problem(degrees: ParallelDegrees, heads: int) -> Optional[str]:
     """Why these degrees cannot split a model with `heads` attention heads (None when they can)."""
-    if degrees.ulysses < 1 or degrees.ring < 1:
+    if min(degrees.ulysses, degrees.ring, degrees.batch) < 1:
         return f"Ulysses and ring degrees must be at least 1, got {degrees.ulysses} and {degrees.ring}."
     if heads % degrees.ulysses != 0:
         fitting = [d for d in range(1, heads + 1) if heads % d == 0]
@@ -122,29 +128,73 @@ def shard_text(tokens: torch.Tensor, shard: TokenShard) -> torch.Tensor:
 
 @dataclass
 class RankGroups:
-    """This rank's process groups: the whole world, its Ulysses group and its ring group."""
+    """This rank's process groups: the world; its batch group's sequence ranks, their Ulysses and ring
+    groups; and the ranks at its sequence position in the other batch groups."""
     world: Optional[dist.ProcessGroup]
+    sequence: Optional[dist.ProcessGroup]
     ulysses: Optional[dist.ProcessGroup]
     ring: Optional[dist.ProcessGroup]
+    batch: Optional[dist.ProcessGroup]
     degrees: ParallelDegrees
     rank: int
 
+    @property
+    def sequence_rank(self) -> int:
+        return self.rank % self.degrees.sequence_size
+
+    @property
+    def batch_index(self) -> int:
+        return self.rank // self.degrees.sequence_size
+
 
 def make_rank_groups(degrees: ParallelDegrees) -> RankGroups:
-    """Creates the Ulysses and ring groups; every rank of the initialized world must call it."""
+    """Creates the groups; every rank of the initialized world must call it (same groups, same order)."""
     rank = dist.get_rank()
-    ulysses_group = ring_group = None
-    for ring_index in range(degrees.ring):
-        ranks = [ring_index * degrees.ulysses + i for i in range(degrees.ulysses)]
+    mine = {}
+
+    def add(kind, ranks):
         group = dist.new_group(ranks)
         if rank in ranks:
-            ulysses_group = group
-    for ulysses_index in range(degrees.ulysses):
-        ranks = [r * degrees.ulysses + ulysses_index for r in range(degrees.ring)]
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            ring_group = group
-    return RankGroups(dist.group.WORLD, ulysses_group, ring_group, degrees, rank)
+            mine[kind] = group
+
+    size = degrees.sequence_size
+    for batch_index in range(degrees.batch):
+        base = batch_index * size
+        add("sequence", [base + i for i in range(size)])
+        for ring_index in range(degrees.ring):
+            add("ulysses", [base + ring_index * degrees.ulysses + i for i in range(degrees.ulysses)])
+        for ulysses_index in range(degrees.ulysses):
+            add("ring", [base + r * degrees.ulysses + ulysses_index for r in range(degrees.ring)])
+    for position in range(size):
+        add("batch", [b * size + position for b in range(degrees.batch)])
+    return RankGroups(dist.group.WORLD, mine["sequence"], mine["ulysses"], mine["ring"], mine["batch"], degrees, rank)
+
+
+def splits_batch(batch_size: int, conditionings: int, degrees: ParallelDegrees) -> bool:
+    """Whether the batch groups take a share of the batch each: the batch and its conditionings
+    (cond, uncond, each some rows) must split evenly. Otherwise every group runs the whole batch."""
+    parts = degrees.batch
+    return parts > 1 and batch_size % parts == 0 and (conditionings == 1 or conditionings % parts == 0)
+
+
+def batch_share(structure, batch_size: int, parts: int, index: int):
+    """`structure` with every tensor whose first dimension is the batch cut to the index-th of `parts` shares."""
+    if isinstance(structure, torch.Tensor):
+        if structure.ndim > 0 and structure.shape[0] == batch_size:
+            return structure.chunk(parts)[index]
+        return structure
+    if isinstance(structure, dict):
+        return {key: batch_share(value, batch_size, parts, index) for key, value in structure.items()}
+    if isinstance(structure, (list, tuple)):
+        return type(structure)(batch_share(value, batch_size, parts, index) for value in structure)
+    return structure
+
+
+def gather_batch(local_batch: torch.Tensor, group) -> torch.Tensor:
+    """The batch groups' shares of an output, concatenated in batch order."""
+    gathered = [torch.empty_like(local_batch) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local_batch.contiguous(), group=group)
+    return torch.cat(gathered)
 
 
 AttentionFunction = Callable[..., torch.Tensor]

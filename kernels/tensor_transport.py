@@ -5,13 +5,15 @@ tensor subclass such as an FP8 QuantizedTensor by its `__tensor_flatten__` parts
 go by torch.distributed broadcasts, GPU to GPU under NCCL, packed in buckets so a model's thousand
 weights take a few collectives rather than a thousand.
 """
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 BUCKET_BYTES = 256 * 1024 * 1024
+POLL_SECONDS = 0.001
 # Each tensor starts at a multiple of this in its bucket, so its bytes can be viewed as any dtype.
 ALIGNMENT = 16
 
@@ -106,22 +108,50 @@ def _aligned_bytes(tensor: torch.Tensor, device) -> torch.Tensor:
     return torch.nn.functional.pad(data, (0, _aligned(data.numel()) - data.numel()))
 
 
-def send_tensors(tensors: list, device) -> None:
-    """Rank 0's side of `receive_tensors`: broadcasts `tensors` (as listed by `to_slots`) to the world."""
+def pack(tensors: list, device) -> Iterator[torch.Tensor]:
+    """`tensors` as uint8 buckets on `device`, one at a time."""
     slots = [TensorSlot(tuple(t.shape), t.dtype) for t in tensors]
     for bucket in _buckets(slots):
-        dist.broadcast(torch.cat([_aligned_bytes(tensors[i], device) for i in bucket]), src=0)
+        yield torch.cat([_aligned_bytes(tensors[i], device) for i in bucket])
+
+
+def bucket_sizes(slots: list) -> list[int]:
+    """Bytes of each bucket `pack` makes of tensors with these slots."""
+    return [sum(_aligned(_nbytes(slots[i])) for i in bucket) for bucket in _buckets(slots)]
+
+
+def unpack(slots: list, buckets: Iterable[torch.Tensor]) -> list:
+    """The tensors of `pack`'s buckets, as views of them."""
+    tensors = []
+    for indices, packed in zip(_buckets(slots), buckets):
+        offset = 0
+        for i in indices:
+            size = _nbytes(slots[i])
+            tensors.append(packed[offset:offset + size].view(slots[i].dtype).view(slots[i].shape))
+            offset += _aligned(size)
+    return tensors
+
+
+def send_tensors(tensors: list, device, ranks_alive: Optional[Callable[[], bool]] = None) -> None:
+    """Rank 0's side of `receive_tensors`: broadcasts `tensors` (as listed by `to_slots`) to the world.
+
+    `ranks_alive()` is checked while a bucket is on its way, so a rank that died raises here
+    instead of leaving rank 0 waiting for it.
+    """
+    for packed in pack(tensors, device):
+        work = dist.broadcast(packed, src=0, async_op=True)
+        while ranks_alive is not None and not work.is_completed():
+            if not ranks_alive():
+                raise RuntimeError("a rank stopped while receiving tensors")
+            time.sleep(POLL_SECONDS)
+        work.wait()
 
 
 def receive_tensors(slots: list, device) -> list:
     """Receives the tensors rank 0 broadcast with `send_tensors`, as views of the received buckets."""
-    received = [None] * len(slots)
-    for bucket in _buckets(slots):
-        packed = torch.empty(sum(_aligned(_nbytes(slots[i])) for i in bucket), dtype=torch.uint8, device=device)
+    def received(size):
+        packed = torch.empty(size, dtype=torch.uint8, device=device)
         dist.broadcast(packed, src=0)
-        offset = 0
-        for i in bucket:
-            size = _nbytes(slots[i])
-            received[i] = packed[offset:offset + size].view(slots[i].dtype).view(slots[i].shape)
-            offset += _aligned(size)
-    return received
+        return packed
+
+    return unpack(slots, (received(size) for size in bucket_sizes(slots)))

@@ -22,11 +22,12 @@ import comfy.patcher_extension
 from comfy_api.latest import ComfyExtension, io
 
 from ..kernels.context_parallel import ParallelDegrees, degrees_problem
-from ..kernels.tensor_transport import send_tensors, to_slots
+from ..kernels.tensor_transport import to_slots
 from . import CATEGORY, compile as compile_node, first_block_cache, flux_layout
-from .context_parallel_pool import PoolLayout, RankPool, active_pool, pool_for, rendezvous_port
+from .context_parallel_pool import (PoolLayout, RankPool, active_pool, environment_rendezvous_problem, pool_for,
+                                    rendezvous_port, shutdown_pool)
 from .context_parallel_ranks import (CALL_OPTION_KEYS, CacheDecisions, CacheStep, ForwardRequest, ReplicaSpec,
-                                     cache_decisions, forward_on_rank, unsupported_inputs)
+                                     cache_decisions, forward_on_rank, splits_this_batch, unsupported_inputs)
 from .patcher_hooks import non_dynamic_clone, set_wrapper
 from .reporting import report_run
 
@@ -49,11 +50,15 @@ class ContextParallelRun:
         self.serial = serial
         # First Block Cache's run on rank 0, when the model has it: the workers mirror its steps.
         self.cache_run = None
+        self.forwards = 0
+        self.batch_split_forwards = 0
 
     def summary(self) -> str:
-        layout = self.pool.layout
-        text = (f"{NODE_NAME}: {layout.degrees.world_size} {'GPUs' if self.pool.device.type == 'cuda' else 'processes'} "
-                f"(Ulysses {layout.degrees.ulysses} x ring {layout.degrees.ring})")
+        degrees = self.pool.layout.degrees
+        text = (f"{NODE_NAME}: {degrees.world_size} {'GPUs' if self.pool.device.type == 'cuda' else 'processes'} "
+                f"(Ulysses {degrees.ulysses} x ring {degrees.ring}"
+                + (f", CFG parallel: the batch split in {self.batch_split_forwards}/{self.forwards} forwards)"
+                   if degrees.batch > 1 else ")"))
         if self.cache_run is None:
             return text
         ours = cache_decisions(self.cache_run)
@@ -141,17 +146,25 @@ def forward_across_ranks(executor, x, timestep, context, y=None, guidance=None, 
     try:
         key = replica_key(patcher, model_options)
         pool.ensure_replica(key, lambda: replica_spec(patcher, model_options, key))
+        whole = {"x": x, "timestep": timestep, "context": context, "y": y, "guidance": guidance, "kwargs": kwargs}
         tensors = []
-        inputs = to_slots({"x": x, "timestep": timestep, "context": context, "y": y, "guidance": guidance,
-                           "kwargs": kwargs}, tensors)
+        inputs = to_slots(whole, tensors)
         call_options = {name: transformer_options[name] for name in CALL_OPTION_KEYS if name in transformer_options}
         pool.send(ForwardRequest(inputs, call_options, cache_step(transformer_options, run.serial)))
-        send_tensors(tensors, pool.device)
+        pool.send_tensors(tensors)
 
-        def run_rows(x_rows, options):
-            return executor(x_rows, timestep, context, y, guidance, ref_latents, control, options, **kwargs)
+        def run_share(share, options):
+            return executor(share["x"], share["timestep"], share["context"], share["y"], share["guidance"],
+                            ref_latents, control, options, **share["kwargs"])
 
-        return forward_on_rank(run_rows, executor.class_obj, x, context.shape[1], transformer_options, pool.groups)
+        run.forwards += 1
+        run.batch_split_forwards += splits_this_batch(whole, transformer_options, pool.layout.degrees)
+        return forward_on_rank(run_share, executor.class_obj, whole, transformer_options, pool.groups)
+    except comfy.model_management.InterruptProcessingException:
+        # Cancel: ComfyUI stops rank 0 inside the forward (it checks at every layer), so the
+        # workers wait in this forward's collectives: stop them; the next prompt starts new ones.
+        shutdown_pool(graceful=False)
+        raise
     except Exception as error:
         raise pool.failure(error) from error
 
@@ -163,13 +176,25 @@ def release_replica(model_patcher, unpatch_all):
         pool.drop_replica()
 
 
-def pool_layout(gpus, degrees: ParallelDegrees, port) -> PoolLayout:
-    """Which device each rank uses: ComfyUI's device first, then the next visible GPUs (CPU processes without GPU)."""
+RANKS_FROM = {
+    "this machine": "local",
+    "environment (multi-machine)": "env",
+}
+
+
+def pool_layout(gpus, degrees: ParallelDegrees, port, ranks_from) -> PoolLayout:
+    """Which device each rank uses: ComfyUI's device first, then the next visible GPUs (CPU processes
+    without GPU); with ranks from the environment, the other ranks' machines pick their own."""
     device = comfy.model_management.get_torch_device()
+    if device.type != "cuda" and degrees.ring > 1:
+        raise ValueError(f"{NODE_NAME}: ring attention needs CUDA GPUs; on this {device.type} ComfyUI use "
+                         "ring_degree 1 (Ulysses only).")
+    if ranks_from == "env":
+        problem = environment_rendezvous_problem(gpus)
+        if problem is not None:
+            raise ValueError(f"{NODE_NAME}: {problem}")
+        return PoolLayout(degrees, (str(device),) + ("",) * (gpus - 1), ("",) * gpus, port, ranks_from)
     if device.type != "cuda":
-        if degrees.ring > 1:
-            raise ValueError(f"{NODE_NAME}: ring attention needs CUDA GPUs; on this {device.type} ComfyUI use "
-                             "ring_degree 1 (Ulysses only).")
         return PoolLayout(degrees, ("cpu",) * gpus, ("",) * gpus, port)
     visible = torch.cuda.device_count()
     if gpus > visible:
@@ -207,26 +232,39 @@ class ContextParallel(io.ComfyNode):
                                       "ulysses_degree x ring_degree must equal gpus.")),
                 io.Int.Input("port", default=0, min=0, max=65535,
                              tooltip="Local TCP port where the GPUs' processes meet; 0 picks a free one."),
+                io.Boolean.Input("cfg_parallel", default=False,
+                                 tooltip=("Split the batch between two halves of the GPUs: cond and uncond at cfg > 1, "
+                                          "or the images of a batch. gpus = 2 x ulysses_degree x ring_degree. A batch "
+                                          "that does not split (cfg 1, one image) runs whole on both halves.")),
+                io.Combo.Input("ranks", options=list(RANKS_FROM), default="this machine",
+                               tooltip=("this machine: the node starts a worker process per extra GPU here. "
+                                        "environment (multi-machine): torch.distributed's MASTER_ADDR, MASTER_PORT, "
+                                        "WORLD_SIZE and FLUXACCEL_CP_SECRET, set for ComfyUI (rank 0) and for "
+                                        "workers you start on the other machines with "
+                                        "nodes/context_parallel_worker.py; 'port' is then unused.")),
             ],
             outputs=[io.Model.Output(tooltip="The same model; its forwards run across the GPUs while sampling.")],
         )
 
     @classmethod
-    def execute(cls, model, gpus, ulysses_degree, ring_degree, port) -> io.NodeOutput:
+    def execute(cls, model, gpus, ulysses_degree, ring_degree, port, cfg_parallel, ranks) -> io.NodeOutput:
         diffusion_model = flux_layout.flux_diffusion_model(model, NODE_NAME)
         if gpus == 1:
             report_run(f"{NODE_NAME}: 1 GPU asked for, the model runs as it is.")
             return io.NodeOutput(model)
-        degrees = ParallelDegrees(ulysses_degree or max(1, gpus // ring_degree), ring_degree)
+        batch = 2 if cfg_parallel else 1
+        degrees = ParallelDegrees(ulysses_degree or max(1, gpus // (ring_degree * batch)), ring_degree, batch)
         if degrees.world_size != gpus:
-            raise ValueError(f"{NODE_NAME}: ulysses_degree {degrees.ulysses} x ring_degree {degrees.ring} = "
-                             f"{degrees.world_size}, but gpus is {gpus}; make the product equal gpus.")
+            factors = f"{'2 (cfg_parallel) x ' if cfg_parallel else ''}ulysses_degree {degrees.ulysses} x ring_degree {degrees.ring}"
+            raise ValueError(f"{NODE_NAME}: {factors} = {degrees.world_size}, but gpus is {gpus}; make the product equal gpus.")
         problem = degrees_problem(degrees, diffusion_model.num_heads)
         if problem is not None:
             raise ValueError(f"{NODE_NAME}: {problem}")
-        layout = pool_layout(gpus, degrees, port)
+        if ranks not in RANKS_FROM:
+            raise ValueError(f"{NODE_NAME}: ranks must be one of {', '.join(RANKS_FROM)}, not '{ranks}'.")
+        layout = pool_layout(gpus, degrees, port, RANKS_FROM[ranks])
         running = active_pool()
-        if port != 0 and (running is None or running.layout.port != port):
+        if layout.ranks_from == "local" and port != 0 and (running is None or running.layout.port != port):
             rendezvous_port(port)
         # Rank 0 sends its loaded weights; DynamicVRAM would stream them per call instead.
         patched = non_dynamic_clone(model, NODE_NAME)

@@ -4,29 +4,37 @@ ComfyUI's process is rank 0. torch.distributed keeps one default process group p
 process holds at most one pool of workers: a node asking for another layout replaces it. Workers
 live across prompts and hold one replica; a failure anywhere tears the pool down, and the next
 prompt starts a fresh one.
+
+Ranks meet in one of two ways:
+- local: the node starts one worker per extra GPU of this machine (rendezvous on 127.0.0.1);
+- env: torch.distributed's environment rendezvous (MASTER_ADDR, MASTER_PORT, WORLD_SIZE). ComfyUI
+  is rank 0; the other ranks are workers started on their machines (context_parallel_worker.py).
+Workers connect to rank 0's control listener (an authenticated connection: what to do next, and
+their failures); tensors go over the process group (over the connections on CPUs).
 """
 import atexit
 import json
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, Listener
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..kernels.context_parallel import ParallelDegrees, RankGroups, make_rank_groups
-from ..kernels.tensor_transport import send_tensors
+from ..kernels.tensor_transport import pack, send_tensors
 from .context_parallel_ranks import DropReplica, Stop
 
 WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "context_parallel_worker.py")
-PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = __name__.split(".")[0]
 # Importing ComfyUI and the pack in a worker takes seconds; a cold CUDA start can take a minute.
 STARTUP_SECONDS = 180
@@ -34,18 +42,34 @@ STARTUP_SECONDS = 180
 # rank that died breaks the connections at once and does not wait for this.
 COLLECTIVE_TIMEOUT = timedelta(minutes=15)
 FAILURE_REPORT_SECONDS = 3.0
+SECRET_VARIABLE = "FLUXACCEL_CP_SECRET"
+WATCH_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
 class PoolLayout:
     degrees: ParallelDegrees
-    devices: tuple  # torch device of each rank, rank 0 first (ComfyUI's own device)
-    visible_gpus: tuple  # per rank: the CUDA_VISIBLE_DEVICES entry of its GPU ("" on CPU)
-    port: int  # rendezvous port on 127.0.0.1, 0 for a free one
+    devices: tuple  # torch device of each local rank, rank 0 first (ComfyUI's own device)
+    visible_gpus: tuple  # per local rank: the CUDA_VISIBLE_DEVICES entry of its GPU ("" on CPU)
+    port: int  # local rendezvous port on 127.0.0.1, 0 for a free one
+    ranks_from: str = "local"  # or "env": torch.distributed's environment, workers started by the user
 
     @property
     def backend(self) -> str:
         return "nccl" if torch.device(self.devices[0]).type == "cuda" else "gloo"
+
+
+def environment_rendezvous_problem(world_size) -> Optional[str]:
+    """What is missing for ranks from torch.distributed's environment (None when all is there)."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", SECRET_VARIABLE) if not os.environ.get(name)]
+    if missing:
+        return (f"ranks from the environment need {', '.join(missing)} set in ComfyUI's environment "
+                "(and on the workers' machines).")
+    if int(os.environ["WORLD_SIZE"]) != world_size:
+        return f"WORLD_SIZE is {os.environ['WORLD_SIZE']}, but the node asks for {world_size} GPUs."
+    if os.environ.get("RANK", "0") != "0":
+        return f"ComfyUI must be rank 0, but RANK is {os.environ['RANK']}."
+    return None
 
 
 def rendezvous_port(port: int) -> int:
@@ -72,52 +96,113 @@ class RankPool:
         self.groups: Optional[RankGroups] = None
         self.replica_key = None
         self.run_serial = 0
+        self.stopping = False
 
     def start(self, comfy_args: dict):
-        port = rendezvous_port(self.layout.port)
         world_size = self.layout.degrees.world_size
-        for rank in range(1, world_size):
-            self._spawn(rank, port, comfy_args)
+        if self.layout.ranks_from == "env":
+            init_method, secret = "env://", os.environ[SECRET_VARIABLE].encode()
+            listener = Listener(("0.0.0.0", int(os.environ["MASTER_PORT"]) + 1), authkey=secret)
+        else:
+            init_method = f"tcp://127.0.0.1:{rendezvous_port(self.layout.port)}"
+            secret = secrets.token_hex(32).encode()
+            listener = Listener(("127.0.0.1", 0), authkey=secret)
+            for rank in range(1, world_size):
+                self._spawn(rank, listener.address, secret)
+        try:
+            self._accept_workers(listener, world_size - 1)
+        finally:
+            listener.close()
+        for rank, connection in enumerate(self.connections, start=1):
+            connection.send(self._setup(rank, init_method, comfy_args))
         self._wait_until_ready()
-        dist.init_process_group(self.layout.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
+        if self.layout.backend == "nccl":
+            # A failed collective must raise in ComfyUI's process, not end it (NCCL's default on errors).
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
+        dist.init_process_group(self.layout.backend, init_method=init_method, rank=0,
                                 world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
                                 **({"device_id": self.device} if self.device.type == "cuda" else {}))
         self.groups = make_rank_groups(self.layout.degrees)
+        if self.layout.backend == "nccl":
+            threading.Thread(target=self._abort_when_a_worker_dies, name="fluxaccel-cp-watch", daemon=True).start()
         logging.info("Context Parallel: %d ranks ready (Ulysses %d x ring %d, %s)", world_size,
                      self.layout.degrees.ulysses, self.layout.degrees.ring, self.layout.backend)
 
-    def _spawn(self, rank, port, comfy_args):
-        ours, theirs = socket.socketpair()
-        environment = dict(os.environ)
-        worker_device = torch.device(self.layout.devices[rank])
-        if worker_device.type == "cuda":
+    def _spawn(self, rank, control_address, secret):
+        environment = {**os.environ, SECRET_VARIABLE: secret.decode()}
+        if torch.device(self.layout.devices[rank]).type == "cuda":
             environment["CUDA_VISIBLE_DEVICES"] = self.layout.visible_gpus[rank]
-            worker_device = torch.device("cuda", 0)
-        paths = {"comfyui_dir": comfyui_dir(), "pack_dir": PACK_DIR, "pack_name": PACK_NAME}
-        process = subprocess.Popen([sys.executable, WORKER_SCRIPT, str(theirs.fileno()), json.dumps(paths)],
-                                   pass_fds=[theirs.fileno()], env=environment)
-        theirs.close()
-        connection = Connection(ours.detach())
-        connection.send({"comfy_args": {**comfy_args, "cuda_device": None}, "device": str(worker_device),
-                         "backend": self.layout.backend, "init_method": f"tcp://127.0.0.1:{port}",
-                         "rank": rank, "world_size": self.layout.degrees.world_size,
-                         "degrees": (self.layout.degrees.ulysses, self.layout.degrees.ring),
-                         "timeout": COLLECTIVE_TIMEOUT})
-        self.processes.append(process)
-        self.connections.append(connection)
+        local = {"comfyui_dir": comfyui_dir(), "rank": rank, "control": list(control_address)}
+        self.processes.append(subprocess.Popen([sys.executable, WORKER_SCRIPT, "--local", json.dumps(local)],
+                                               env=environment))
+
+    def _accept_workers(self, listener, count):
+        """The workers' connections in rank order; each worker first sends its rank."""
+        accepted = {}
+
+        def accept():
+            try:
+                while len(accepted) < count:
+                    connection = listener.accept()
+                    accepted[connection.recv()] = connection
+            except (OSError, EOFError):
+                pass  # the listener was closed: rank 0 stopped waiting
+
+        waiter = threading.Thread(target=accept, name="fluxaccel-cp-accept", daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while waiter.is_alive() and time.monotonic() < deadline:
+            if any(process.poll() is not None for process in self.processes):
+                break
+            waiter.join(0.2)
+        if len(accepted) < count:
+            absent = [rank for rank in range(1, count + 1) if rank not in accepted]
+            raise WorkerFailed(f"rank(s) {', '.join(map(str, absent))} did not connect to rank 0"
+                               + ("" if self.layout.ranks_from == "local" else
+                                  f" on port {int(os.environ['MASTER_PORT']) + 1}: start them with "
+                                  "nodes/context_parallel_worker.py (see its description)"))
+        self.connections = [accepted[rank] for rank in range(1, count + 1)]
+
+    def _setup(self, rank, init_method, comfy_args) -> dict:
+        local_gpu = self.layout.ranks_from == "local" and torch.device(self.layout.devices[rank]).type == "cuda"
+        return {"comfy_args": {**comfy_args, "cuda_device": None}, "pack_name": PACK_NAME,
+                # A worker started here sees only its GPU; one started elsewhere picks LOCAL_RANK's.
+                "device": "cuda:0" if local_gpu else ("cpu" if self.layout.backend == "gloo" else None),
+                "backend": self.layout.backend, "init_method": init_method,
+                "rank": rank, "world_size": self.layout.degrees.world_size,
+                # Plain values: the worker reads them before it imports the pack.
+                "degrees": (self.layout.degrees.ulysses, self.layout.degrees.ring, self.layout.degrees.batch),
+                "timeout": COLLECTIVE_TIMEOUT}
 
     def _wait_until_ready(self):
         deadline = time.monotonic() + STARTUP_SECONDS
-        for rank, (process, connection) in enumerate(zip(self.processes, self.connections), start=1):
+        for index, connection in enumerate(self.connections):
             while not connection.poll(0.2):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise WorkerFailed(f"worker {rank} did not start: {self._worker_report(rank - 1)}")
+                if self._exit_status(index) is not None or time.monotonic() > deadline:
+                    raise WorkerFailed(f"worker {index + 1} did not start: {self._worker_report(index)}")
             message = connection.recv()
             if message != "ready":
-                raise WorkerFailed(f"worker {rank} did not start: {message[1]}")
+                raise WorkerFailed(f"worker {index + 1} did not start: {message[1]}")
+
+    def _exit_status(self, index) -> Optional[str]:
+        """How worker `index` ended (None while it runs): its exit code here, or its connection closing."""
+        if index < len(self.processes):
+            code = self.processes[index].poll()
+            return None if code is None else f"exited with code {code}"
+        return "disconnected" if self.connections[index].closed else None
+
+    def _abort_when_a_worker_dies(self):
+        """NCCL does not notice a dead peer: rank 0 would wait in its collective until the timeout.
+        Aborting the communicators makes that collective fail now (gloo sees the closed connection)."""
+        while not self.stopping:
+            if any(self._exit_status(index) is not None for index in range(len(self.connections))):
+                if dist.is_initialized():
+                    dist.distributed_c10d._abort_process_group()
+                return
+            time.sleep(WATCH_SECONDS)
 
     def alive(self) -> bool:
-        return all(process.poll() is None for process in self.processes)
+        return all(self._exit_status(index) is None for index in range(len(self.connections)))
 
     def send(self, message):
         for connection in self.connections:
@@ -130,13 +215,24 @@ class RankPool:
         spec, tensors = make_spec()
         self.replica_key = None
         self.send(spec)
-        send_tensors(tensors, self.device)
+        self.send_tensors(tensors)
         self.replica_key = key
 
     def ask(self, message) -> list:
         """Each worker's answer to `message`, in rank order."""
         self.send(message)
         return [connection.recv() for connection in self.connections]
+
+    def send_tensors(self, tensors: list):
+        """The tensors a message just sent announced, to every worker."""
+        if self.layout.backend == "gloo":
+            # gloo's sender can wait forever for a receiver that died mid-transfer, and tearing the
+            # group down would then wait with it: on CPUs the bytes go over the workers' connections.
+            for packed in pack(tensors, "cpu"):
+                for connection in self.connections:
+                    connection.send_bytes(packed.numpy())
+        else:
+            send_tensors(tensors, self.device, self.alive)
 
     def drop_replica(self):
         if self.replica_key is not None and self.alive():
@@ -146,7 +242,7 @@ class RankPool:
     def failure(self, error: BaseException) -> WorkerFailed:
         """What went wrong across the ranks, after tearing the pool down so nothing waits on it."""
         reports = [f"worker {rank}: {self._worker_report(rank - 1, wait=FAILURE_REPORT_SECONDS)}"
-                   for rank in range(1, len(self.processes) + 1)]
+                   for rank in range(1, len(self.connections) + 1)]
         reports = [report for report in reports if not report.endswith(": running")]
         shutdown_pool(graceful=False)
         cause = "; ".join(reports) if reports else f"{type(error).__name__}: {error}"
@@ -154,31 +250,35 @@ class RankPool:
                             "the next prompt starts the workers again.")
 
     def _worker_report(self, index, wait=0.0) -> str:
-        connection, process = self.connections[index], self.processes[index]
+        """What worker `index` said when it failed, or how it ended; "running" if it did neither within `wait`."""
+        connection = self.connections[index]
         deadline = time.monotonic() + wait
         while True:
             try:
-                if connection.poll(0.05):
+                if not connection.closed and connection.poll(0.05):
                     message = connection.recv()
                     if isinstance(message, tuple) and message[0] == "failed":
                         return message[1]
             except (EOFError, OSError):
-                pass
-            if process.poll() is not None:
-                return f"exited with code {process.returncode}"
+                connection.close()
+            status = self._exit_status(index)
+            if status is not None:
+                return status
             if time.monotonic() > deadline:
                 return "running"
 
     def shutdown(self, graceful=True):
         """Stops the workers (at once when not `graceful`: after a failure they may wait in a collective)."""
-        for connection, process in zip(self.connections, self.processes):
+        self.stopping = True
+        for connection in self.connections:
             try:
-                if graceful:
+                if graceful and not connection.closed:
                     connection.send(Stop())
-                else:
-                    process.kill()
             except OSError:
                 pass
+        for process in self.processes:
+            if not graceful:
+                process.kill()
         deadline = time.monotonic() + 5.0
         for process in self.processes:
             try:
@@ -188,6 +288,9 @@ class RankPool:
                 process.wait()
         for connection in self.connections:
             connection.close()
+        if dist.is_initialized() and not graceful and self.layout.backend == "nccl":
+            # A collective may still wait for a rank that died; destroying the group would wait with it.
+            dist.distributed_c10d._abort_process_group()
         if dist.is_initialized():
             dist.destroy_process_group()
         self.processes, self.connections, self.groups, self.replica_key = [], [], None, None

@@ -15,6 +15,7 @@ installs its blocks and follows rank 0's steps, deciding on distances summed acr
 """
 import gc
 import logging
+import os
 import traceback
 from dataclasses import dataclass
 from typing import Optional
@@ -25,9 +26,10 @@ import torch.distributed as dist
 import comfy.ldm.common_dit
 import comfy.utils
 
-from ..kernels.context_parallel import (ParallelDegrees, RankGroups, ShardedForward, make_rank_groups,
-                                        parallel_attention, pad_tokens, shard_text, token_shard, gather_rows)
-from ..kernels.tensor_transport import from_slots, receive_tensors, tensor_slots
+from ..kernels.context_parallel import (ParallelDegrees, RankGroups, ShardedForward, batch_share, gather_batch,
+                                        gather_rows, make_rank_groups, pad_tokens, parallel_attention, shard_text,
+                                        splits_batch, token_shard)
+from ..kernels.tensor_transport import bucket_sizes, from_slots, receive_tensors, tensor_slots, unpack
 from . import first_block_cache, flux_layout
 from .first_block_cache import CacheRun, cache_block_replacements
 from ..kernels.first_block_cache import FirstBlockCache
@@ -82,30 +84,52 @@ def with_sharding_hooks(options, sharded: ShardedForward):
     return options
 
 
-def forward_on_rank(run_rows, diffusion_model, x, text_tokens, options, groups: RankGroups):
-    """This rank's part of one FLUX forward on the whole latent `x`; returns the whole prediction.
+def splits_this_batch(inputs: dict, options, degrees: ParallelDegrees) -> bool:
+    conditionings = max((len(options[name]) for name in CALL_OPTION_KEYS if name in options), default=1)
+    return splits_batch(inputs["x"].shape[0], conditionings, degrees)
 
-    `run_rows(x_rows, options)` runs the diffusion model on a band of latent rows.
+
+def forward_on_rank(run, diffusion_model, inputs: dict, options, groups: RankGroups):
+    """This rank's part of one FLUX forward; returns the whole prediction.
+
+    `inputs` holds the forward's whole x, timestep, context, y, guidance and kwargs;
+    `run(inputs, options)` runs the diffusion model on a share of them.
     """
+    if not splits_this_batch(inputs, options, groups.degrees):
+        return forward_rows_on_rank(run, diffusion_model, inputs, options, groups)
+    batch_size, parts, index = inputs["x"].shape[0], groups.degrees.batch, groups.batch_index
+    options = options.copy()
+    for name in CALL_OPTION_KEYS:
+        if name in options and len(options[name]) > 1:
+            options[name] = options[name][index * len(options[name]) // parts:(index + 1) * len(options[name]) // parts]
+    share = forward_rows_on_rank(run, diffusion_model, batch_share(inputs, batch_size, parts, index), options, groups)
+    return gather_batch(share, groups.batch)
+
+
+def forward_rows_on_rank(run, diffusion_model, inputs: dict, options, groups: RankGroups):
+    """The forward shared by this rank's sequence group: each rank runs a band of the latent's rows."""
+    x = inputs["x"]
     patch = diffusion_model.patch_size
     height, width = x.shape[-2:]
     x = comfy.ldm.common_dit.pad_to_patch_size(x, (patch, patch))
     token_rows, row_tokens = x.shape[-2] // patch, x.shape[-1] // patch
-    world_size = groups.degrees.world_size
-    if token_rows < world_size:
-        raise ValueError(f"the latent has {token_rows} token rows, fewer than the {world_size} GPUs sharing them; "
+    ranks = groups.degrees.sequence_size
+    text_tokens = inputs["context"].shape[1]
+    if token_rows < ranks:
+        raise ValueError(f"the latent has {token_rows} token rows, fewer than the {ranks} GPUs sharing them; "
                          "use a larger image or fewer GPUs.")
-    shard = token_shard(groups.rank, world_size, token_rows, row_tokens, text_tokens)
+    shard = token_shard(groups.sequence_rank, ranks, token_rows, row_tokens, text_tokens)
     if shard.padded and groups.degrees.ring > 1:
         raise ValueError(f"ring attention needs the image's {token_rows} token rows and the prompt's {text_tokens} "
-                         f"tokens to divide by {world_size} GPUs; change the size or use Ulysses only (ring degree 1).")
+                         f"tokens to divide by {ranks} GPUs; change the size or use Ulysses only (ring degree 1).")
     _, image_ids = diffusion_model.process_img(x, transformer_options=options)
     start, end = shard.image_token_range()
     sharded = ShardedForward(groups, shard, pad_tokens(image_ids[:, start:end], shard.padded_image_tokens),
                              options.get("optimized_attention_override"))
     row_start, row_count = shard.rows
-    rows = run_rows(x[:, :, row_start * patch:(row_start + row_count) * patch], with_sharding_hooks(options, sharded))
-    return gather_rows(rows, shard, patch, groups.world)[:, :, :height, :width]
+    rows = run({**inputs, "x": x[:, :, row_start * patch:(row_start + row_count) * patch]},
+               with_sharding_hooks(options, sharded))
+    return gather_rows(rows, shard, patch, groups.sequence)[:, :, :height, :width]
 
 
 def unsupported_inputs(ref_latents, control, kwargs) -> Optional[str]:
@@ -158,6 +182,12 @@ class DropReplica:
 
 
 @dataclass
+class DeviceMemory:
+    """Asks each worker for (bytes allocated, peak bytes allocated) on its GPU; `reset` starts a new peak."""
+    reset: bool = False
+
+
+@dataclass
 class CacheDecisions:
     """Asks each worker for its First Block Cache's decisions in the run: answered over its connection."""
     pass
@@ -170,13 +200,23 @@ class Stop:
 
 # ---- the worker side ----
 
-def build_replica(spec: ReplicaSpec, device):
+def receiver(connection, backend, device):
+    """Receives the tensors rank 0 sends after a message (see RankPool.send_tensors), given their slots."""
+    def receive(slots: list) -> list:
+        if backend == "gloo":
+            return unpack(slots, (torch.frombuffer(bytearray(connection.recv_bytes()), dtype=torch.uint8)
+                                  for _ in bucket_sizes(slots)))
+        return receive_tensors(slots, device)
+    return receive
+
+
+def build_replica(spec: ReplicaSpec, device, receive):
     """The diffusion model of `spec` on `device`, its weights received from rank 0."""
     model_config = spec.model_config_class(dict(spec.unet_config))
     model_config.set_inference_dtype(spec.unet_config.get("dtype"), spec.manual_cast_dtype)
     model_config.optimizations = dict(spec.optimizations)
     diffusion_model = model_config.get_model({}, "", device=torch.device("meta")).diffusion_model
-    received = iter(receive_tensors(tensor_slots([spec.parameters, spec.buffers]), device))
+    received = iter(receive(tensor_slots([spec.parameters, spec.buffers])))
     parameters, buffers = from_slots([spec.parameters, spec.buffers], received)
     for name, tensor in parameters.items():
         comfy.utils.set_attr_param(diffusion_model, name, tensor)
@@ -209,6 +249,15 @@ class MirroredCache:
         return {first_block_cache.RUN_KEY: self.run}
 
 
+def device_memory(device, reset) -> tuple:
+    if device.type != "cuda":
+        return 0, 0
+    answer = torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return answer
+
+
 def cache_decisions(run: Optional[CacheRun]) -> Optional[tuple]:
     """(steps computed, steps reused, the distances measured) of a First Block Cache run."""
     if run is None:
@@ -222,8 +271,8 @@ class Replica:
     options: dict  # the replica's own transformer_options (First Block Cache's blocks)
 
 
-def make_replica(spec: ReplicaSpec, device) -> Replica:
-    diffusion_model = build_replica(spec, device)
+def make_replica(spec: ReplicaSpec, device, receive) -> Replica:
+    diffusion_model = build_replica(spec, device, receive)
     options = {}
     if spec.first_block_cache:
         replacements = cache_block_replacements(*flux_layout.block_counts(diffusion_model), {})
@@ -231,22 +280,21 @@ def make_replica(spec: ReplicaSpec, device) -> Replica:
     return Replica(diffusion_model, options)
 
 
-def serve_forward(replica: Replica, request: ForwardRequest, mirror: MirroredCache, device, groups: RankGroups):
-    inputs = from_slots(request.inputs, iter(receive_tensors(tensor_slots(request.inputs), device)))
+def serve_forward(replica: Replica, request: ForwardRequest, mirror: MirroredCache, receive, groups: RankGroups):
+    inputs = from_slots(request.inputs, iter(receive(tensor_slots(request.inputs))))
     options = {**replica.options, **request.call_options, **mirror.options(request.cache_step)}
-    kwargs = inputs["kwargs"]
 
-    def run_rows(x_rows, rank_options):
-        return replica.diffusion_model(x_rows, inputs["timestep"], inputs["context"], inputs["y"], inputs["guidance"],
-                                       None, None, rank_options, **kwargs)
+    def run_share(share, rank_options):
+        return replica.diffusion_model(share["x"], share["timestep"], share["context"], share["y"], share["guidance"],
+                                       None, None, rank_options, **share["kwargs"])
 
     with torch.inference_mode():
-        forward_on_rank(run_rows, replica.diffusion_model, inputs["x"], inputs["context"].shape[1], options, groups)
+        forward_on_rank(run_share, replica.diffusion_model, inputs, options, groups)
 
 
-def serve(connection, device, groups: RankGroups):
+def serve(connection, device, groups: RankGroups, backend):
     """A worker's loop: replicas and forwards as rank 0 asks, until told to stop."""
-    replica, mirror = None, MirroredCache()
+    replica, mirror, receive = None, MirroredCache(), receiver(connection, backend, device)
     while True:
         message = connection.recv()
         if isinstance(message, Stop):
@@ -257,11 +305,13 @@ def serve(connection, device, groups: RankGroups):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if isinstance(message, ReplicaSpec):
-            replica = make_replica(message, device)
+            replica = make_replica(message, device, receive)
         elif isinstance(message, ForwardRequest):
-            serve_forward(replica, message, mirror, device, groups)
+            serve_forward(replica, message, mirror, receive, groups)
         elif isinstance(message, CacheDecisions):
             connection.send(cache_decisions(mirror.run))
+        elif isinstance(message, DeviceMemory):
+            connection.send(device_memory(device, message.reset))
 
 
 def worker_main(connection, setup: dict):
@@ -271,7 +321,8 @@ def worker_main(connection, setup: dict):
     ranks' collectives so rank 0 fails the prompt instead of waiting.
     """
     try:
-        device = torch.device(setup["device"])
+        # A worker started elsewhere uses its LOCAL_RANK's GPU (torch.distributed's convention).
+        device = torch.device(setup["device"] or f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         connection.send("ready")
@@ -279,7 +330,7 @@ def worker_main(connection, setup: dict):
                                 world_size=setup["world_size"], timeout=setup["timeout"],
                                 **({"device_id": device} if device.type == "cuda" else {}))
         groups = make_rank_groups(ParallelDegrees(*setup["degrees"]))
-        serve(connection, device, groups)
+        serve(connection, device, groups, setup["backend"])
         dist.destroy_process_group()
     except BaseException as error:
         logging.exception("Context Parallel worker %s failed", setup.get("rank"))

@@ -1,37 +1,80 @@
-"""A Context Parallel worker process. The node starts one per extra GPU; it is not run by hand.
+"""A Context Parallel worker process: one per GPU beyond ComfyUI's own.
 
-argv: the file descriptor of its connection to rank 0, and a JSON object with ComfyUI's folder and
-the pack's folder and package name. Rank 0 then sends ComfyUI's command-line options, which must
-be in place before ComfyUI's modules are imported, so that this process picks the same attention,
-precision and device options as ComfyUI itself.
+On ComfyUI's machine the node starts them; the argument is a JSON object (ComfyUI's folder, the
+control address, the rank) and the connection secret comes in FLUXACCEL_CP_SECRET.
+
+On other machines (the node's `ranks` = env) start one per GPU yourself, with ComfyUI and this pack
+installed as on rank 0 and torch.distributed's environment variables:
+
+    MASTER_ADDR=<rank 0's address> MASTER_PORT=29500 WORLD_SIZE=4 RANK=2 LOCAL_RANK=0 \\
+    FLUXACCEL_CP_SECRET=<as ComfyUI's> python custom_nodes/<pack>/nodes/context_parallel_worker.py \\
+        --comfyui /path/to/ComfyUI
+
+It connects to rank 0's control port (MASTER_PORT + 1), waiting until ComfyUI first samples with
+the node, then serves until that session ends (a failure, another layout, ComfyUI exiting): run it
+in a loop to serve the next. Rank 0 sends ComfyUI's command-line options, put in place before
+ComfyUI's modules are imported, so every rank picks the same attention and precision options.
 """
+import argparse
 import importlib
 import importlib.util
 import json
 import os
 import sys
-from multiprocessing.connection import Connection
+import time
+from multiprocessing.connection import Client
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET_VARIABLE = "FLUXACCEL_CP_SECRET"
+CONNECT_RETRY_SECONDS = 1.0
 
 
-def import_pack(pack_dir, name):
-    """Imports the pack as package `name`, as ComfyUI did in rank 0, so pickled objects resolve alike."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(pack_dir, "__init__.py"),
-                                                  submodule_search_locations=[pack_dir])
+def import_pack(name):
+    """Imports this pack as package `name`, rank 0's name for it, so pickled objects resolve alike."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(PACK_DIR, "__init__.py"),
+                                                  submodule_search_locations=[PACK_DIR])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
 
 
+def connect(address, secret, wait_seconds):
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return Client(address, authkey=secret)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(CONNECT_RETRY_SECONDS)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", help="ComfyUI's folder on this machine (a worker you start)")
+    parser.add_argument("--wait", type=float, default=24 * 3600.0,
+                        help="seconds to wait for ComfyUI's control port (a worker you start)")
+    parser.add_argument("--local", help=argparse.SUPPRESS)  # JSON from the node that started this worker
+    return parser.parse_args()
+
+
 def main():
-    connection = Connection(int(sys.argv[1]))
-    paths = json.loads(sys.argv[2])
-    sys.path.insert(0, paths["comfyui_dir"])
+    args = parse_args()
+    if args.local is not None:
+        local = json.loads(args.local)
+        comfyui_dir, rank, address, wait = local["comfyui_dir"], local["rank"], tuple(local["control"]), 60.0
+    else:
+        comfyui_dir, rank = args.comfyui, int(os.environ["RANK"])
+        address, wait = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 1), args.wait
+    connection = connect(address, os.environ[SECRET_VARIABLE].encode(), wait)
+    connection.send(rank)
+    sys.path.insert(0, comfyui_dir)
     import comfy.cli_args
 
     setup = connection.recv()
     vars(comfy.cli_args.args).update(setup["comfy_args"])
-    import_pack(paths["pack_dir"], paths["pack_name"])
-    ranks = importlib.import_module(f"{paths['pack_name']}.nodes.context_parallel_ranks")
+    import_pack(setup["pack_name"])
+    ranks = importlib.import_module(f"{setup['pack_name']}.nodes.context_parallel_ranks")
     ranks.worker_main(connection, setup)
 
 

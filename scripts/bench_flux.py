@@ -12,6 +12,9 @@ Variants:
   <any>+fluxaccel-compile            the variant under the pack's Compile FLUX (regional, default mode)
   <any>+fluxaccel-fp8                the variant under the pack's FP8 Dynamic Quantize (per-row activations);
                                      modifiers apply left to right: core-bf16+fluxaccel-fp8+fluxaccel-compile
+  <any>+fluxaccel-cp<U>[x<R>]        the variant under Context Parallel on U x R GPUs: Ulysses degree U,
+                                     ring degree R (default 1); +fluxaccel-ring<R> is ring attention alone.
+                                     Rows add each worker GPU's peak VRAM (worker_peak_vram_gb)
   fbc-<threshold>                    Apply First Block Cache at that threshold (random weights: the
                                      skip ratio says little about a trained model)
   fbc-0                              the cache's hooks with nothing reused: cost of a computed step
@@ -101,15 +104,29 @@ def conditioning():
     return positive, negative
 
 
+def context_parallel_degrees(part):
+    """(ulysses, ring) of a +fluxaccel-cp<U>[x<R>] or +fluxaccel-ring<R> variant part, else None."""
+    if part.startswith("fluxaccel-ring"):
+        return 1, int(part[len("fluxaccel-ring"):])
+    if part.startswith("fluxaccel-cp"):
+        ulysses, _, ring = part[len("fluxaccel-cp"):].partition("x")
+        return int(ulysses), int(ring or 1)
+    return None
+
+
 def apply_variant(model, variant):
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from fluxaccel.nodes.compile import CompileFlux
+    from fluxaccel.nodes.context_parallel import ContextParallel
     from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
     from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 
     base, *modifiers = variant.split("+")
+    parallel = None
     for part in modifiers:
-        if part == "compile":
+        if (degrees := context_parallel_degrees(part)) is not None:
+            parallel = degrees
+        elif part == "compile":
             model = model.clone()
             set_torch_compile_wrapper(model=model, backend="inductor")
         elif part == "fluxaccel-compile":
@@ -121,6 +138,10 @@ def apply_variant(model, variant):
     if base.startswith("fbc-"):
         threshold, max_hits = FBC_FIXED_PATTERNS[base] if base in FBC_FIXED_PATTERNS else (float(base[len("fbc-"):]), 0)
         model = ApplyFirstBlockCache.execute(model, threshold, 0.0, 1.0, max_hits).result[0]
+    if parallel is not None:
+        # Last, as the node's description asks: what comes before carries over to every GPU.
+        ulysses, ring = parallel
+        model = ContextParallel.execute(model, ulysses * ring, ulysses, ring, 0, False, "this machine").result[0]
     return model
 
 
@@ -142,10 +163,22 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+def worker_memory(reset=False):
+    """Each Context Parallel worker's (allocated GiB, peak GiB) on its GPU, or [] without workers."""
+    from fluxaccel.nodes.context_parallel_pool import active_pool
+    from fluxaccel.nodes.context_parallel_ranks import DeviceMemory
+
+    pool = active_pool()
+    if pool is None:
+        return []
+    return [[round(value / 2**30, 2) for value in answer] for answer in pool.ask(DeviceMemory(reset))]
+
+
 def measure(model, resolution, args, reference):
     """Warm-up run, then `args.runs` timed runs of one model at one resolution."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+        worker_memory(reset=True)
     first_seconds, _, first_recorder = timed_sample(model, resolution, args.steps)
     timings = [timed_sample(model, resolution, args.steps) for _ in range(args.runs)]
     seconds = sorted(t for t, _, _ in timings)
@@ -156,6 +189,7 @@ def measure(model, resolution, args, reference):
         "times_s": [round(t, 3) for t in seconds],
         "first_run_s": round(first_seconds, 2),
         "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "worker_peak_vram_gb": [peak for _, peak in worker_memory()] or None,
         "steps_reused": recorder.reports[-1][2] if recorder.reports else 0,
         # Graphs Compile FLUX compiled in the warm-up run and in the timed runs (None: not compiled by it).
         "graphs_compiled": None if not first_recorder.graphs_compiled else
@@ -187,9 +221,12 @@ def run_variant(state_dict, variant, args, references):
     gc.collect()
     comfy.model_management.soft_empty_cache()
     held_after_gc = allocated_gib()
+    workers_held = [allocated for allocated, _ in worker_memory()] or None
     for row in rows:
-        row.update(vram_after_unload_gb=held, vram_after_unload_and_gc_gb=held_after_gc)
-    print(json.dumps({"variant": variant, "vram_after_unload_gb": held, "after_gc": held_after_gc}), flush=True)
+        row.update(vram_after_unload_gb=held, vram_after_unload_and_gc_gb=held_after_gc,
+                   worker_vram_after_unload_gb=workers_held)
+    print(json.dumps({"variant": variant, "vram_after_unload_gb": held, "after_gc": held_after_gc,
+                      "workers": workers_held}), flush=True)
     return rows
 
 

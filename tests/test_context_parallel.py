@@ -3,7 +3,10 @@
 Rank 0 is the test process; each extra rank is a worker process the node starts, with the replica of
 the model it is sent. Outputs are compared with one process running the same model.
 """
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,7 +17,8 @@ from flux_fixtures import tiny_flux_patcher
 from fluxaccel.nodes import context_parallel_pool
 from fluxaccel.nodes.compile import CompileFlux
 from fluxaccel.nodes.context_parallel import ContextParallel
-from fluxaccel.nodes.context_parallel_pool import WorkerFailed
+from conftest import COMFYUI_DIR
+from fluxaccel.nodes.context_parallel_pool import WORKER_SCRIPT, WorkerFailed, rendezvous_port
 from ksampler_helpers import cache_summaries, conditioning, ksample, relative_error, tiny_lora, with_cache, with_lora
 from test_compile import gpu_like_flux
 from test_fp8_quantize import quantized
@@ -24,8 +28,8 @@ SAME_AS_ONE_PROCESS = 1e-5
 REUSING_THRESHOLD = 0.8
 
 
-def across(model, gpus=2, ulysses_degree=0, ring_degree=1, port=0):
-    return ContextParallel.execute(model, gpus, ulysses_degree, ring_degree, port).result[0]
+def across(model, gpus=2, ulysses_degree=0, ring_degree=1, port=0, cfg_parallel=False, ranks="this machine"):
+    return ContextParallel.execute(model, gpus, ulysses_degree, ring_degree, port, cfg_parallel, ranks).result[0]
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +62,37 @@ def test_cond_and_uncond_batched_with_cfg():
     positive, negative = conditioning(tokens=6, seed=1), conditioning(tokens=6, seed=2)
     expected = ksample(model, positive, negative, cfg=3.0, size=40, steps=3)
     assert relative_error(ksample(across(model), positive, negative, cfg=3.0, size=40, steps=3), expected) < SAME_AS_ONE_PROCESS
+
+
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_cfg_parallel_splits_cond_and_uncond_between_the_halves(gpus, caplog_info):
+    model = tiny_flux_patcher()
+    positive, negative = conditioning(tokens=7, seed=1), conditioning(tokens=7, seed=2)
+    expected = ksample(model, positive, negative, cfg=3.0, size=40, steps=3)
+    actual = ksample(across(model, gpus, cfg_parallel=True), positive, negative, cfg=3.0, size=40, steps=3)
+    assert relative_error(actual, expected) < SAME_AS_ONE_PROCESS
+    assert context_parallel_reports(caplog_info)[-1] == (
+        f"Context Parallel (multi-GPU): {gpus} processes (Ulysses {gpus // 2} x ring 1, "
+        "CFG parallel: the batch split in 3/3 forwards)")
+
+
+def test_cfg_parallel_with_a_batch_that_does_not_split_runs_it_whole(caplog_info):
+    model = tiny_flux_patcher()
+    assert relative_error(ksample(across(model, 2, cfg_parallel=True), steps=3), ksample(model, steps=3)) < SAME_AS_ONE_PROCESS
+    assert context_parallel_reports(caplog_info)[-1].endswith("CFG parallel: the batch split in 0/3 forwards)")
+
+
+def test_first_block_cache_decides_alike_on_both_halves_under_cfg_parallel(caplog_info):
+    model = tiny_flux_patcher()
+    positive, negative = conditioning(tokens=7, seed=1), conditioning(tokens=7, seed=2)
+    expected = ksample(with_cache(model, REUSING_THRESHOLD), positive, negative, cfg=3.0, size=40, steps=10)
+    expected_steps = cache_summaries(caplog_info)[-1]
+    assert expected_steps[2] > 0
+    actual = ksample(across(with_cache(model, REUSING_THRESHOLD), 4, cfg_parallel=True), positive, negative, cfg=3.0,
+                     size=40, steps=10)
+    assert relative_error(actual, expected) < SAME_AS_ONE_PROCESS
+    assert cache_summaries(caplog_info)[-1] == expected_steps
+    assert "First Block Cache took the same 10 decisions on every rank" in context_parallel_reports(caplog_info)[-1]
 
 
 def test_first_block_cache_takes_the_same_decisions_on_every_rank(caplog_info):
@@ -111,9 +146,29 @@ def test_a_killed_worker_fails_the_prompt_within_seconds_and_the_next_prompt_wor
     assert relative_error(ksample(parallel, steps=3), ksample(model, steps=3)) < SAME_AS_ONE_PROCESS
 
 
+def test_cancel_stops_every_rank_and_the_next_prompt_works():
+    import comfy.model_management
+
+    model = tiny_flux_patcher()
+    parallel = across(model)
+    ksample(parallel, steps=1)
+    threading.Timer(2.0, comfy.model_management.interrupt_current_processing).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            ksample(parallel, steps=10_000)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert time.monotonic() - started < 10.0
+    assert context_parallel_pool.active_pool() is None, "workers left waiting in the cancelled forward are stopped"
+    assert relative_error(ksample(parallel, steps=3), ksample(model, steps=3)) < SAME_AS_ONE_PROCESS
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"gpus": 3}, "Ulysses degree 3 does not divide the model's 4 attention heads; use one of 1, 2, 4"),
     ({"gpus": 4, "ulysses_degree": 2}, "ulysses_degree 2 x ring_degree 1 = 2, but gpus is 4"),
+    ({"gpus": 2, "ulysses_degree": 2, "cfg_parallel": True},
+     r"2 \(cfg_parallel\) x ulysses_degree 2 x ring_degree 1 = 4, but gpus is 2"),
     ({"gpus": 2, "ulysses_degree": 1, "ring_degree": 2}, "ring attention needs CUDA GPUs"),
 ])
 def test_bad_settings_get_a_clear_error(settings, message):
@@ -140,3 +195,53 @@ def test_non_flux_model_gets_a_clear_error():
 def test_too_small_an_image_for_the_ranks_gets_a_clear_error():
     with pytest.raises(WorkerFailed, match="the latent has 1 token rows, fewer than the 2 GPUs sharing them"):
         ksample(across(tiny_flux_patcher()), size=16, steps=1)
+
+
+def test_unloading_the_model_frees_the_workers_replica():
+    import comfy.model_management
+
+    model = tiny_flux_patcher()
+    parallel = across(model)
+    ksample(parallel, steps=1)
+    pool = context_parallel_pool.active_pool()
+    assert pool.replica_key is not None
+    comfy.model_management.unload_all_models()
+    assert pool.replica_key is None, "ComfyUI's unload must reach the workers"
+    assert relative_error(ksample(parallel, steps=2), ksample(model, steps=2)) < SAME_AS_ONE_PROCESS
+
+
+def free_port_pair():
+    """A free port whose next one is free too: the rendezvous port and rank 0's control port."""
+    while True:
+        port = rendezvous_port(0)
+        try:
+            rendezvous_port(port + 1)
+            return port
+        except ValueError:
+            continue
+
+
+def test_ranks_from_the_environment_meet_a_worker_started_by_hand(monkeypatch):
+    """Another machine's worker, simulated here: started by hand with torch.distributed's environment."""
+    port = free_port_pair()
+    environment = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+                   "FLUXACCEL_CP_SECRET": "shared secret of this test"}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    worker = subprocess.Popen([sys.executable, WORKER_SCRIPT, "--comfyui", COMFYUI_DIR],
+                              env={**os.environ, **environment, "RANK": "1"})
+    try:
+        model = tiny_flux_patcher()
+        parallel = across(model, ranks="environment (multi-machine)")
+        assert relative_error(ksample(parallel, size=40, steps=3), ksample(model, size=40, steps=3)) < SAME_AS_ONE_PROCESS
+        context_parallel_pool.shutdown_pool()
+        assert worker.wait(timeout=30) == 0, "the worker serves one session and exits when ComfyUI stops it"
+    finally:
+        worker.kill()
+
+
+def test_ranks_from_an_incomplete_environment_get_a_clear_error(monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "FLUXACCEL_CP_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="need MASTER_ADDR, MASTER_PORT, WORLD_SIZE, FLUXACCEL_CP_SECRET set"):
+        across(tiny_flux_patcher(), ranks="environment (multi-machine)")

@@ -3,6 +3,7 @@ import json
 import os
 import time
 
+import psutil
 import pytest
 from PIL import Image
 
@@ -16,12 +17,17 @@ FBC_NODE = ("FluxAccelFirstBlockCache",
             {"residual_diff_threshold": 0.5, "start_percent": 0.0, "end_percent": 1.0, "max_consecutive_hits": 0})
 COMPILE_NODE = ("FluxAccelCompile", {"mode": "default", "dynamic_shapes": "automatic"})
 FP8_NODE = ("FluxAccelFP8DynamicQuantize", {"activation_scaling": "per-row", "exclude": ""})
+# On the CPU test host "gpus" are worker processes (gloo).
+CONTEXT_PARALLEL_NODE = ("FluxAccelContextParallel",
+                         {"gpus": 2, "ulysses_degree": 0, "ring_degree": 1, "port": 0, "cfg_parallel": False,
+                          "ranks": "this machine"})
 
 
 @pytest.mark.parametrize("node_id, display_name", [
     ("FluxAccelFirstBlockCache", "Apply First Block Cache"),
     ("FluxAccelCompile", "Compile FLUX"),
     ("FluxAccelFP8DynamicQuantize", "FP8 Dynamic Quantize"),
+    ("FluxAccelContextParallel", "Context Parallel (multi-GPU)"),
 ])
 def test_object_info_lists_the_pack_under_one_category(comfy_server, node_id, display_name):
     node = comfy_server.get("/object_info")[node_id]
@@ -82,8 +88,9 @@ def test_fp8_compile_and_cache_stack_through_the_real_loader(comfy_server):
     assert run_reports(texts["sampler"]) == ["Compile FLUX", "First Block Cache (threshold 0.5)"]
 
 
-def test_interrupt_stops_sampling_through_every_node_promptly_and_the_next_prompt_runs(comfy_server):
-    stack = [FP8_NODE, COMPILE_NODE, FBC_NODE]
+@pytest.mark.parametrize("stack", [[FP8_NODE, COMPILE_NODE, FBC_NODE], [FP8_NODE, COMPILE_NODE, FBC_NODE, CONTEXT_PARALLEL_NODE]],
+                         ids=["one-process", "context-parallel"])
+def test_interrupt_stops_sampling_through_every_node_promptly_and_the_next_prompt_runs(comfy_server, stack):
     comfy_server.run(text_to_image(stack, steps=2, seed=12))  # loaded and compiled: the next run samples at once
     prompt_id = comfy_server.queue(text_to_image(stack, steps=1000, seed=13))
     comfy_server.wait_until_running(prompt_id)
@@ -169,3 +176,45 @@ def test_the_workflow_check_catches_mistakes(comfy_server):
     object_info = comfy_server.get("/object_info")
     errors = [error for node_id, node in workflow.items() for error in input_errors(node_id, node, object_info, workflow)]
     assert len(errors) == 4, errors
+
+
+def context_parallel_workers(comfy_server):
+    return [child for child in psutil.Process(comfy_server.process.pid).children(recursive=True)
+            if any("context_parallel_worker.py" in part for part in child.cmdline())]
+
+
+def test_context_parallel_stack_reports_on_the_sampler_node_and_keeps_its_workers(comfy_server):
+    stack = [FP8_NODE, COMPILE_NODE, FBC_NODE, CONTEXT_PARALLEL_NODE]
+    _, texts = comfy_server.run_showing_node_texts(text_to_image(stack, steps=4, seed=15))
+    assert run_reports(texts["sampler"]) == ["Compile FLUX", "Context Parallel (multi-GPU)",
+                                             "First Block Cache (threshold 0.5)"]
+    [report] = [text for text in texts["sampler"] if text.startswith("Context Parallel")]
+    assert report.startswith("Context Parallel (multi-GPU): 2 processes (Ulysses 2 x ring 1); First Block Cache "
+                             "took the same 4 decisions on every rank")
+    workers = context_parallel_workers(comfy_server)
+    assert len(workers) == 1
+    comfy_server.run(text_to_image(stack, steps=2, seed=16))
+    assert context_parallel_workers(comfy_server) == workers, "workers stay for the next prompt"
+
+
+def test_a_killed_context_parallel_worker_fails_the_prompt_and_the_next_prompt_runs(comfy_server):
+    stack = [CONTEXT_PARALLEL_NODE]
+    comfy_server.run(text_to_image(stack, steps=2, seed=17))
+    prompt_id = comfy_server.queue(text_to_image(stack, steps=1000, seed=18))
+    comfy_server.wait_until_running(prompt_id)
+    time.sleep(2)
+    [worker] = context_parallel_workers(comfy_server)
+    worker.kill()
+    killed_at = time.monotonic()
+    with pytest.raises(PromptFailed, match="worker 1: exited with code -9"):
+        comfy_server.wait(prompt_id, timeout=60)
+    assert time.monotonic() - killed_at < 10
+    comfy_server.run(text_to_image(stack, steps=2, seed=19))
+    assert len(context_parallel_workers(comfy_server)) == 1
+
+
+def test_a_ulysses_degree_that_does_not_divide_the_heads_fails_the_prompt_and_the_server_stays_up(comfy_server):
+    bad = (CONTEXT_PARALLEL_NODE[0], {**CONTEXT_PARALLEL_NODE[1], "gpus": 5})
+    with pytest.raises(PromptFailed, match="Ulysses degree 5 does not divide the model's 24 attention heads"):
+        comfy_server.run(text_to_image([bad]))
+    assert comfy_server.get("/system_stats")["system"]["comfyui_version"] == "0.30.0"
