@@ -5,15 +5,13 @@ tensor subclass such as an FP8 QuantizedTensor by its `__tensor_flatten__` parts
 go by torch.distributed broadcasts, GPU to GPU under NCCL, packed in buckets so a model's thousand
 weights take a few collectives rather than a thousand.
 """
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
 BUCKET_BYTES = 256 * 1024 * 1024
-POLL_SECONDS = 0.001
 # Each tensor starts at a multiple of this in its bucket, so its bytes can be viewed as any dtype.
 ALIGNMENT = 16
 
@@ -132,19 +130,10 @@ def unpack(slots: list, buckets: Iterable[torch.Tensor]) -> list:
     return tensors
 
 
-def send_tensors(tensors: list, device, ranks_alive: Optional[Callable[[], bool]] = None) -> None:
-    """Rank 0's side of `receive_tensors`: broadcasts `tensors` (as listed by `to_slots`) to the world.
-
-    `ranks_alive()` is checked while a bucket is on its way, so a rank that died raises here
-    instead of leaving rank 0 waiting for it.
-    """
+def send_tensors(tensors: list, device) -> None:
+    """Rank 0's side of `receive_tensors`: broadcasts `tensors` (as listed by `to_slots`) to the world."""
     for packed in pack(tensors, device):
-        work = dist.broadcast(packed, src=0, async_op=True)
-        while ranks_alive is not None and not work.is_completed():
-            if not ranks_alive():
-                raise RuntimeError("a rank stopped while receiving tensors")
-            time.sleep(POLL_SECONDS)
-        work.wait()
+        dist.broadcast(packed, src=0)
 
 
 def receive_tensors(slots: list, device) -> list:

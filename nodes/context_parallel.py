@@ -88,7 +88,7 @@ def uncompiled_names(named_tensors) -> dict:
     return {name.replace("_orig_mod.", ""): tensor for name, tensor in named_tensors}
 
 
-def replica_spec(model_patcher, model_options, key):
+def replica_spec(model_patcher, model_options):
     """(spec, tensors) of rank 0's loaded diffusion model, as the workers rebuild it."""
     model = model_patcher.model
     diffusion_model = model.diffusion_model
@@ -99,7 +99,7 @@ def replica_spec(model_patcher, model_options, key):
     parameters, buffers = to_slots([uncompiled_names(diffusion_model.named_parameters()),
                                     uncompiled_names(diffusion_model.named_buffers())], tensors)
     config = model.model_config
-    spec = ReplicaSpec(key, type(config), dict(config.unet_config), config.manual_cast_dtype,
+    spec = ReplicaSpec(type(config), dict(config.unet_config), config.manual_cast_dtype,
                        dict(config.optimizations), parameters, buffers, compile_settings(model_options),
                        first_block_cache.SETTINGS_KEY in model_options["transformer_options"])
     return spec, tensors
@@ -145,7 +145,7 @@ def forward_across_ranks(executor, x, timestep, context, y=None, guidance=None, 
     run.cache_run = transformer_options.get(first_block_cache.RUN_KEY)
     try:
         key = replica_key(patcher, model_options)
-        pool.ensure_replica(key, lambda: replica_spec(patcher, model_options, key))
+        pool.ensure_replica(key, lambda: replica_spec(patcher, model_options))
         whole = {"x": x, "timestep": timestep, "context": context, "y": y, "guidance": guidance, "kwargs": kwargs}
         tensors = []
         inputs = to_slots(whole, tensors)

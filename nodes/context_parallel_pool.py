@@ -102,7 +102,12 @@ class RankPool:
         world_size = self.layout.degrees.world_size
         if self.layout.ranks_from == "env":
             init_method, secret = "env://", os.environ[SECRET_VARIABLE].encode()
-            listener = Listener(("0.0.0.0", int(os.environ["MASTER_PORT"]) + 1), authkey=secret)
+            control_port = int(os.environ["MASTER_PORT"]) + 1
+            try:
+                listener = Listener(("0.0.0.0", control_port), authkey=secret)
+            except OSError as error:
+                raise ValueError(f"rank 0's control port {control_port} (MASTER_PORT + 1) cannot be opened "
+                                 f"({error.strerror}); choose another MASTER_PORT.") from error
         else:
             init_method = f"tcp://127.0.0.1:{rendezvous_port(self.layout.port)}"
             secret = secrets.token_hex(32).encode()
@@ -232,7 +237,8 @@ class RankPool:
                 for connection in self.connections:
                     connection.send_bytes(packed.numpy())
         else:
-            send_tensors(tensors, self.device, self.alive)
+            # NCCL: a worker that dies mid-transfer is caught by the watch thread, which aborts the group.
+            send_tensors(tensors, self.device)
 
     def drop_replica(self):
         if self.replica_key is not None and self.alive():

@@ -29,11 +29,11 @@ import comfy.utils
 from ..kernels.context_parallel import (ParallelDegrees, RankGroups, ShardedForward, batch_share, gather_batch,
                                         gather_rows, make_rank_groups, pad_tokens, parallel_attention, shard_text,
                                         splits_batch, token_shard)
+from ..kernels.first_block_cache import FirstBlockCache
+from ..kernels.regional_compile import shared_inductor_backend
 from ..kernels.tensor_transport import bucket_sizes, from_slots, receive_tensors, tensor_slots, unpack
 from . import first_block_cache, flux_layout
 from .first_block_cache import CacheRun, cache_block_replacements
-from ..kernels.first_block_cache import FirstBlockCache
-from ..kernels.regional_compile import shared_inductor_backend
 
 # The per-call transformer_options entries rank 0 passes on: First Block Cache keys its residuals by them.
 CALL_OPTION_KEYS = ("cond_or_uncond", "uuids")
@@ -147,7 +147,6 @@ def unsupported_inputs(ref_latents, control, kwargs) -> Optional[str]:
 @dataclass
 class ReplicaSpec:
     """How a worker builds the same diffusion model as rank 0's, loaded and patched."""
-    key: tuple
     model_config_class: type
     unet_config: dict
     manual_cast_dtype: Optional[torch.dtype]

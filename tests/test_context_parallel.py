@@ -128,9 +128,14 @@ def test_lora_fp8_compile_and_first_block_cache_carry_over_to_the_workers(caplog
                        REUSING_THRESHOLD)
     expected = ksample(stack, steps=6)
     expected_steps = cache_summaries(caplog_info)[-1]
-    actual = ksample(across(stack), steps=6)
+    parallel = across(stack)
+    actual = ksample(parallel, steps=6)
     assert relative_error(actual, expected) < SAME_AS_ONE_PROCESS
     assert cache_summaries(caplog_info)[-1] == expected_steps
+    ksample(parallel, steps=6, seed=1)
+    compile_reports = [record.getMessage() for record in caplog_info.records if record.getMessage().startswith("Compile FLUX")]
+    assert compile_reports[-1] == "Compile FLUX: no graph compiled this run (all shapes seen before)", \
+        "the sharded forward must not recompile from one run (or step) to the next"
 
 
 def test_a_killed_worker_fails_the_prompt_within_seconds_and_the_next_prompt_works():
