@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from para_attn.para_attn_interface import ring_attn_func, ulysses_attn_func
 
+from .tensor_transport import map_structure
+
 
 @dataclass(frozen=True)
 class ParallelDegrees:
@@ -179,15 +181,12 @@ def splits_batch(batch_size: int, conditionings: int, degrees: ParallelDegrees) 
 
 def batch_share(structure, batch_size: int, parts: int, index: int):
     """`structure` with every tensor whose first dimension is the batch cut to the index-th of `parts` shares."""
-    if isinstance(structure, torch.Tensor):
-        if structure.ndim > 0 and structure.shape[0] == batch_size:
-            return structure.chunk(parts)[index]
-        return structure
-    if isinstance(structure, dict):
-        return {key: batch_share(value, batch_size, parts, index) for key, value in structure.items()}
-    if isinstance(structure, (list, tuple)):
-        return type(structure)(batch_share(value, batch_size, parts, index) for value in structure)
-    return structure
+    def share(value):
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch_size:
+            return value.chunk(parts)[index]
+        return value
+
+    return map_structure(structure, share)
 
 
 def gather_batch(local_batch: torch.Tensor, group) -> torch.Tensor:

@@ -36,47 +36,57 @@ def _is_wrapper_subclass(tensor: torch.Tensor) -> bool:
     return type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(type(tensor), "__tensor_flatten__")
 
 
+def map_structure(structure, function):
+    """`structure` (nested dicts, lists and tuples) with `function` applied to every other value in it."""
+    if isinstance(structure, dict):
+        return {key: map_structure(value, function) for key, value in structure.items()}
+    if isinstance(structure, (list, tuple)):
+        return type(structure)(map_structure(value, function) for value in structure)
+    return function(structure)
+
+
 def to_slots(structure, tensors: list):
     """`structure` with every tensor replaced by a slot; the tensors are appended to `tensors` in order."""
-    if isinstance(structure, torch.Tensor):
-        if _is_wrapper_subclass(structure):
-            names, context = structure.__tensor_flatten__()
-            inner = {name: to_slots(getattr(structure, name), tensors) for name in names}
-            return SubclassSlot(type(structure), context, inner, tuple(structure.size()), tuple(structure.stride()))
-        tensors.append(structure.detach())
-        return TensorSlot(tuple(structure.shape), structure.dtype)
-    if isinstance(structure, dict):
-        return {key: to_slots(value, tensors) for key, value in structure.items()}
-    if isinstance(structure, (list, tuple)):
-        return type(structure)(to_slots(value, tensors) for value in structure)
-    return structure
+    def slot(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if _is_wrapper_subclass(value):
+            names, context = value.__tensor_flatten__()
+            inner = {name: slot(getattr(value, name)) for name in names}
+            return SubclassSlot(type(value), context, inner, tuple(value.size()), tuple(value.stride()))
+        tensors.append(value.detach())
+        return TensorSlot(tuple(value.shape), value.dtype)
+
+    return map_structure(structure, slot)
 
 
 def from_slots(structure, tensors):
     """The inverse of `to_slots`: `tensors` is an iterator over the received tensors, in order."""
-    if isinstance(structure, TensorSlot):
-        return next(tensors)
-    if isinstance(structure, SubclassSlot):
-        inner = {name: from_slots(slot, tensors) for name, slot in structure.inner.items()}
-        return structure.cls.__tensor_unflatten__(inner, structure.context, structure.size, structure.stride)
-    if isinstance(structure, dict):
-        return {key: from_slots(value, tensors) for key, value in structure.items()}
-    if isinstance(structure, (list, tuple)):
-        return type(structure)(from_slots(value, tensors) for value in structure)
-    return structure
+    def rebuild(value):
+        if isinstance(value, TensorSlot):
+            return next(tensors)
+        if isinstance(value, SubclassSlot):
+            inner = {name: rebuild(slot) for name, slot in value.inner.items()}
+            return value.cls.__tensor_unflatten__(inner, value.context, value.size, value.stride)
+        return value
+
+    return map_structure(structure, rebuild)
 
 
 def tensor_slots(structure) -> list:
     """The TensorSlots of a slotted structure, in the order `from_slots` consumes tensors."""
-    if isinstance(structure, TensorSlot):
-        return [structure]
-    if isinstance(structure, SubclassSlot):
-        return [slot for inner in structure.inner.values() for slot in tensor_slots(inner)]
-    if isinstance(structure, dict):
-        return [slot for value in structure.values() for slot in tensor_slots(value)]
-    if isinstance(structure, (list, tuple)):
-        return [slot for value in structure for slot in tensor_slots(value)]
-    return []
+    slots = []
+
+    def collect(value):
+        if isinstance(value, TensorSlot):
+            slots.append(value)
+        elif isinstance(value, SubclassSlot):
+            for inner in value.inner.values():
+                collect(inner)
+        return value
+
+    map_structure(structure, collect)
+    return slots
 
 
 def _nbytes(slot: TensorSlot) -> int:
