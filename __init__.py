@@ -13,6 +13,7 @@ CAPABILITY_MODULES = {
     "compile": "CompileExtension",
     "fp8_quantize": "FP8QuantizeExtension",
     "context_parallel": "ContextParallelExtension",
+    "attention": "AttentionExtension",
 }
 
 

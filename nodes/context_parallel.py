@@ -24,6 +24,7 @@ from comfy_api.latest import ComfyExtension, io
 from ..kernels.context_parallel import ParallelDegrees, degrees_problem
 from ..kernels.tensor_transport import to_slots
 from . import CATEGORY, compile as compile_node, first_block_cache, flux_layout
+from .attention import attention_backend
 from .context_parallel_pool import (PoolLayout, RankPool, active_pool, environment_rendezvous_problem, pool_for,
                                     rendezvous_port, shutdown_pool)
 from .context_parallel_ranks import (CALL_OPTION_KEYS, CacheDecisions, CacheStep, ForwardRequest, ReplicaSpec,
@@ -73,13 +74,16 @@ def replica_key(model_patcher, model_options) -> tuple:
     if model not in _model_serials:
         _model_serials[model] = next(_next_model_serial)
     serial = _model_serials[model]
-    return (serial, model.current_weight_patches_uuid, compile_settings(model_options),
-            first_block_cache.SETTINGS_KEY in model_options["transformer_options"])
+    return (serial, model.current_weight_patches_uuid, *mirrored_behaviours(model_options))
 
 
-def compile_settings(model_options) -> Optional[tuple]:
-    backend = model_options.get(compile_node.BACKEND_KEY)
-    return None if backend is None else backend.settings
+def mirrored_behaviours(model_options) -> tuple:
+    """What the workers redo on their replica: (Compile FLUX's settings or None, whether First Block
+    Cache is on, FLUX Attention Backend's backend or None), as ReplicaSpec's last fields."""
+    compile_backend = model_options.get(compile_node.BACKEND_KEY)
+    return (None if compile_backend is None else compile_backend.settings,
+            first_block_cache.SETTINGS_KEY in model_options["transformer_options"],
+            attention_backend(model_options))
 
 
 def uncompiled_names(named_tensors) -> dict:
@@ -100,8 +104,7 @@ def replica_spec(model_patcher, model_options):
                                     uncompiled_names(diffusion_model.named_buffers())], tensors)
     config = model.model_config
     spec = ReplicaSpec(type(config), dict(config.unet_config), config.manual_cast_dtype,
-                       dict(config.optimizations), parameters, buffers, compile_settings(model_options),
-                       first_block_cache.SETTINGS_KEY in model_options["transformer_options"])
+                       dict(config.optimizations), parameters, buffers, *mirrored_behaviours(model_options))
     return spec, tensors
 
 

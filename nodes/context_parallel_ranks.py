@@ -33,6 +33,8 @@ from ..kernels.first_block_cache import FirstBlockCache
 from ..kernels.regional_compile import shared_inductor_backend
 from ..kernels.tensor_transport import bucket_sizes, from_slots, receive_tensors, tensor_slots, unpack
 from . import first_block_cache, flux_layout
+from .attention import OVERRIDE_KEY as ATTENTION_OVERRIDE_KEY, AttentionOnBackend
+from .compile import fuse_comfy_kitchen_rope
 from .first_block_cache import CacheRun, cache_block_replacements
 
 # The per-call transformer_options entries rank 0 passes on: First Block Cache keys its residuals by them.
@@ -79,7 +81,7 @@ def with_sharding_hooks(options, sharded: ShardedForward):
     patches = dict(options.get("patches", {}))
     patches["post_input"] = list(patches.get("post_input", [])) + [shard_tokens]
     options["patches"] = patches
-    options["optimized_attention_override"] = attention_across_ranks
+    options[ATTENTION_OVERRIDE_KEY] = attention_across_ranks
     options[flux_layout.SHARDED_FORWARD_KEY] = sharded
     return options
 
@@ -125,7 +127,7 @@ def forward_rows_on_rank(run, diffusion_model, inputs: dict, options, groups: Ra
     _, image_ids = diffusion_model.process_img(x, transformer_options=options)
     start, end = shard.image_token_range()
     sharded = ShardedForward(groups, shard, pad_tokens(image_ids[:, start:end], shard.padded_image_tokens),
-                             options.get("optimized_attention_override"))
+                             options.get(ATTENTION_OVERRIDE_KEY))
     row_start, row_count = shard.rows
     rows = run({**inputs, "x": x[:, :, row_start * patch:(row_start + row_count) * patch]},
                with_sharding_hooks(options, sharded))
@@ -155,6 +157,7 @@ class ReplicaSpec:
     buffers: dict
     compile_settings: Optional[tuple]  # (mode, dynamic_shapes) of Compile FLUX
     first_block_cache: bool
+    attention_backend: Optional[str]  # FLUX Attention Backend's choice
 
 
 @dataclass
@@ -222,6 +225,7 @@ def build_replica(spec: ReplicaSpec, device, receive):
     for name, tensor in buffers.items():
         comfy.utils.set_attr(diffusion_model, name, tensor)
     if spec.compile_settings is not None:
+        fuse_comfy_kitchen_rope()
         backend = shared_inductor_backend(*spec.compile_settings)
         for block in list(diffusion_model.double_blocks) + list(diffusion_model.single_blocks):
             block.compile(backend=backend, dynamic=backend.dynamic)
@@ -267,7 +271,7 @@ def cache_decisions(run: Optional[CacheRun]) -> Optional[tuple]:
 @dataclass
 class Replica:
     diffusion_model: torch.nn.Module
-    options: dict  # the replica's own transformer_options (First Block Cache's blocks)
+    options: dict  # the replica's own transformer_options (First Block Cache's blocks, the attention backend)
 
 
 def make_replica(spec: ReplicaSpec, device, receive) -> Replica:
@@ -276,6 +280,8 @@ def make_replica(spec: ReplicaSpec, device, receive) -> Replica:
     if spec.first_block_cache:
         replacements = cache_block_replacements(*flux_layout.block_counts(diffusion_model), {})
         options["patches_replace"] = {"dit": replacements}
+    if spec.attention_backend is not None:
+        options[ATTENTION_OVERRIDE_KEY] = AttentionOnBackend(spec.attention_backend)
     return Replica(diffusion_model, options)
 
 

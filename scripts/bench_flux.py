@@ -12,6 +12,7 @@ Variants:
   <any>+fluxaccel-compile            the variant under the pack's Compile FLUX (regional, default mode)
   <any>+fluxaccel-fp8                the variant under the pack's FP8 Dynamic Quantize (per-row activations);
                                      modifiers apply left to right: core-bf16+fluxaccel-fp8+fluxaccel-compile
+  <any>+fluxaccel-attention          the variant under the pack's FLUX Attention Backend (auto)
   <any>+fluxaccel-cp<U>[x<R>]        the variant under Context Parallel on U x R GPUs: Ulysses degree U,
                                      ring degree R (default 1); +fluxaccel-ring<R> is ring attention alone.
                                      Rows add each worker GPU's peak VRAM (worker_peak_vram_gb)
@@ -116,6 +117,7 @@ def context_parallel_degrees(part):
 
 def apply_variant(model, variant):
     from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from fluxaccel.nodes.attention import FluxAttentionBackend
     from fluxaccel.nodes.compile import CompileFlux
     from fluxaccel.nodes.context_parallel import ContextParallel
     from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
@@ -133,6 +135,8 @@ def apply_variant(model, variant):
             model = CompileFlux.execute(model, "default", "automatic").result[0]
         elif part == "fluxaccel-fp8":
             model = FP8DynamicQuantize.execute(model, "per-row", "").result[0]
+        elif part == "fluxaccel-attention":
+            model = FluxAttentionBackend.execute(model, "auto").result[0]
         else:
             raise ValueError(f"unknown variant part {part!r} in {variant!r}")
     if base.startswith("fbc-"):

@@ -1,9 +1,11 @@
 """Sampling through ComfyUI's own KSampler node on tiny FLUX models."""
 import torch
 
+import comfy.ldm.modules.attention
 import comfy.sd
 import nodes
 from cache_reports import parse_cache_report
+from flux_fixtures import tiny_flux_patcher
 from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
 
 
@@ -52,3 +54,15 @@ def with_lora(model, lora, strength):
 
 def with_cache(model, threshold, start_percent=0.0, end_percent=1.0, max_consecutive_hits=0):
     return ApplyFirstBlockCache.execute(model, threshold, start_percent, end_percent, max_consecutive_hits).result[0]
+
+
+def pytorch_attention(attention_function, *args, **kwargs):
+    return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
+
+
+def gpu_like_flux(**config):
+    """The tiny FLUX with ComfyUI's PyTorch SDPA attention, as ComfyUI picks on GPUs. On the CPU ComfyUI's
+    default is its sub-quadratic attention, which asks psutil for free memory: a graph break in every block."""
+    model = tiny_flux_patcher(**config)
+    model.model_options["transformer_options"]["optimized_attention_override"] = pytorch_attention
+    return model

@@ -6,30 +6,22 @@ import sys
 
 import pytest
 import torch
+from torch._inductor.decomposition import select_decomp_table
+from torch.fx.experimental.proxy_tensor import make_fx
 
-import comfy.ldm.modules.attention
+import comfy.quant_ops
+
 import folder_paths
 from conftest import COMFYUI_DIR, PACK_DIR
 from fluxaccel.kernels.regional_compile import use_persistent_compile_cache
 from fluxaccel.nodes.compile import BACKEND_KEY, CompileFlux, compile_cache_folder
 from cache_reports import parse_compile_report
 from flux_fixtures import tiny_flux_patcher
-from ksampler_helpers import cache_summaries, conditioning, ksample, relative_error, tiny_lora, with_cache, with_lora
+from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, tiny_lora, with_cache,
+                              with_lora)
 
 # fp32 on the CPU: inductor's fused kernels reorder sums, nothing more.
 FP32_ROUNDING = 1e-5
-
-
-def pytorch_attention(attention_function, *args, **kwargs):
-    return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
-
-
-def gpu_like_flux(**config):
-    """The tiny FLUX with PyTorch's SDPA attention, as ComfyUI picks on GPUs. On the CPU ComfyUI's default
-    is its sub-quadratic attention, which asks psutil for free memory: a graph break in every block."""
-    model = tiny_flux_patcher(**config)
-    model.model_options["transformer_options"]["optimized_attention_override"] = pytorch_attention
-    return model
 
 
 def compiled(model, dynamic_shapes="automatic"):
@@ -158,8 +150,8 @@ import flux_fixtures
 flux_fixtures.use_comfyui(sys.argv[2])
 flux_fixtures.import_pack(sys.argv[1])
 import torch
-from test_compile import compiled, gpu_like_flux
-from ksampler_helpers import ksample
+from test_compile import compiled
+from ksampler_helpers import gpu_like_flux, ksample
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 model = gpu_like_flux()
 if sys.argv[3] == "fp8":
@@ -184,3 +176,13 @@ def test_a_second_process_finds_the_compiled_graphs_on_disk(tmp_path, weights):
     warm = inductor_counters()
     assert cold.get("fxgraph_cache_miss", 0) > 0
     assert warm.get("fxgraph_cache_miss", 0) == 0 and warm.get("fxgraph_cache_hit", 0) == cold["fxgraph_cache_miss"]
+
+
+def test_comfyuis_rope_op_reaches_inductor_as_plain_ops_with_the_same_result():
+    compiled(gpu_like_flux())
+    query, key = torch.randn(2, 1, 3, 5, 8).unbind(0)
+    freqs_cis = torch.randn(1, 1, 5, 4, 2, 2)
+    graph = make_fx(comfy.quant_ops.ck.apply_rope, decomposition_table=select_decomp_table())(query, key, freqs_cis)
+    assert "comfy_kitchen" not in graph.code
+    for actual, expected in zip(graph(query, key, freqs_cis), comfy.quant_ops.ck.apply_rope(query, key, freqs_cis)):
+        torch.testing.assert_close(actual, expected)

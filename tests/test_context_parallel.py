@@ -15,12 +15,13 @@ import torch
 
 from flux_fixtures import tiny_flux_patcher
 from fluxaccel.nodes import context_parallel_pool
+from fluxaccel.nodes.attention import FluxAttentionBackend
 from fluxaccel.nodes.compile import CompileFlux
 from fluxaccel.nodes.context_parallel import ContextParallel
 from conftest import COMFYUI_DIR
 from fluxaccel.nodes.context_parallel_pool import WORKER_SCRIPT, WorkerFailed, rendezvous_port
-from ksampler_helpers import cache_summaries, conditioning, ksample, relative_error, tiny_lora, with_cache, with_lora
-from test_compile import gpu_like_flux
+from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, tiny_lora, with_cache,
+                              with_lora)
 from test_fp8_quantize import quantized
 
 # fp32 sums in another order across ranks: far below anything visible, far above a wrong shard.
@@ -121,11 +122,11 @@ def test_workers_stay_for_the_next_prompt_and_take_a_new_lora():
     assert context_parallel_pool.active_pool().processes == workers
 
 
-def test_lora_fp8_compile_and_first_block_cache_carry_over_to_the_workers(caplog_info):
+def test_lora_fp8_compile_attention_and_first_block_cache_carry_over_to_the_workers(caplog_info):
     model = gpu_like_flux()
     lora = tiny_lora(model)
-    stack = with_cache(CompileFlux.execute(quantized(with_lora(model, lora, 0.7)), "default", "automatic").result[0],
-                       REUSING_THRESHOLD)
+    compiled = CompileFlux.execute(quantized(with_lora(model, lora, 0.7)), "default", "automatic").result[0]
+    stack = with_cache(FluxAttentionBackend.execute(compiled, "cudnn").result[0], REUSING_THRESHOLD)
     expected = ksample(stack, steps=6)
     expected_steps = cache_summaries(caplog_info)[-1]
     parallel = across(stack)

@@ -15,8 +15,7 @@ from fluxaccel.nodes import flux_layout
 from fluxaccel.nodes.compile import CompileFlux
 from fluxaccel.nodes.fp8_layout import is_fp8_weight, quantize_weight
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize, FP8Marker, QuantizingSetWeight
-from ksampler_helpers import cache_summaries, ksample, relative_error, tiny_lora, with_cache, with_lora
-from test_compile import gpu_like_flux
+from ksampler_helpers import cache_summaries, gpu_like_flux, ksample, relative_error, tiny_lora, with_cache, with_lora
 
 TINY_FLUX_LINEAR_LAYERS = 39
 TINY_FLUX_KEPT = ["img_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",

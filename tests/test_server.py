@@ -17,6 +17,7 @@ FBC_NODE = ("FluxAccelFirstBlockCache",
             {"residual_diff_threshold": 0.5, "start_percent": 0.0, "end_percent": 1.0, "max_consecutive_hits": 0})
 COMPILE_NODE = ("FluxAccelCompile", {"mode": "default", "dynamic_shapes": "automatic"})
 FP8_NODE = ("FluxAccelFP8DynamicQuantize", {"activation_scaling": "per-row", "exclude": ""})
+ATTENTION_NODE = ("FluxAccelAttention", {"backend": "auto"})
 # On the CPU test host "gpus" are worker processes (gloo).
 CONTEXT_PARALLEL_NODE = ("FluxAccelContextParallel",
                          {"gpus": 2, "ulysses_degree": 0, "ring_degree": 1, "port": 0, "cfg_parallel": False,
@@ -28,6 +29,7 @@ CONTEXT_PARALLEL_NODE = ("FluxAccelContextParallel",
     ("FluxAccelCompile", "Compile FLUX"),
     ("FluxAccelFP8DynamicQuantize", "FP8 Dynamic Quantize"),
     ("FluxAccelContextParallel", "Context Parallel (multi-GPU)"),
+    ("FluxAccelAttention", "FLUX Attention Backend"),
 ])
 def test_object_info_lists_the_pack_under_one_category(comfy_server, node_id, display_name):
     node = comfy_server.get("/object_info")[node_id]
@@ -82,13 +84,15 @@ def test_compile_shows_progress_while_compiling_and_none_when_warm(comfy_server)
 
 def test_fp8_compile_and_cache_stack_through_the_real_loader(comfy_server):
     """The whole stack on the loader-detected test FLUX: the FP8 node reports on itself, the others on the sampler."""
-    _, texts = comfy_server.run_showing_node_texts(text_to_image([FP8_NODE, COMPILE_NODE, FBC_NODE], steps=4, seed=9))
+    _, texts = comfy_server.run_showing_node_texts(text_to_image([FP8_NODE, COMPILE_NODE, ATTENTION_NODE, FBC_NODE],
+                                                                 steps=4, seed=9))
     [fp8_report] = texts["accel0"]
     assert fp8_report.startswith("FP8 Dynamic Quantize: 13 linear layers to FP8 (weight-only: cpu has no FP8 tensor cores")
     assert run_reports(texts["sampler"]) == ["Compile FLUX", "First Block Cache (threshold 0.5)"]
 
 
-@pytest.mark.parametrize("stack", [[FP8_NODE, COMPILE_NODE, FBC_NODE], [FP8_NODE, COMPILE_NODE, FBC_NODE, CONTEXT_PARALLEL_NODE]],
+@pytest.mark.parametrize("stack", [[FP8_NODE, COMPILE_NODE, FBC_NODE],
+                                   [FP8_NODE, COMPILE_NODE, ATTENTION_NODE, FBC_NODE, CONTEXT_PARALLEL_NODE]],
                          ids=["one-process", "context-parallel"])
 def test_interrupt_stops_sampling_through_every_node_promptly_and_the_next_prompt_runs(comfy_server, stack):
     comfy_server.run(text_to_image(stack, steps=2, seed=12))  # loaded and compiled: the next run samples at once
@@ -156,6 +160,25 @@ def test_shipped_api_workflows_match_the_server(comfy_server, filename):
     assert not unknown, f"node types this ComfyUI does not have: {unknown}"
     errors = [error for node_id, node in workflow.items() for error in input_errors(node_id, node, object_info, workflow)]
     assert not errors
+
+
+def sampled_model_chain(workflow):
+    """The node ids the KSampler's MODEL passes through, from the sampler back to the loader."""
+    [node_id] = [node_id for node_id, node in workflow.items() if node["class_type"] == "KSampler"]
+    chain = []
+    while "model" in workflow[node_id]["inputs"]:
+        node_id = workflow[node_id]["inputs"]["model"][0]
+        chain.append(node_id)
+    return chain
+
+
+@pytest.mark.parametrize("filename", API_WORKFLOWS)
+def test_every_node_of_the_pack_in_a_shipped_workflow_shapes_the_sampled_model(filename):
+    """A node whose MODEL output goes nowhere is silently skipped by ComfyUI: the workflow would not do
+    what its name says."""
+    workflow = read_api_workflow(filename)
+    pack_nodes = {node_id for node_id, node in workflow.items() if node["class_type"].startswith("FluxAccel")}
+    assert pack_nodes <= set(sampled_model_chain(workflow))
 
 
 @pytest.mark.parametrize("filename", API_WORKFLOWS)
