@@ -339,6 +339,20 @@ def worker_main(connection, setup: dict):
         dist.destroy_process_group()
     except BaseException as error:
         logging.exception("Context Parallel worker %s failed", setup.get("rank"))
-        connection.send(("failed", f"{type(error).__name__}: {error}", traceback.format_exc()))
+        connection.send(("failed", failure_summary(error), traceback.format_exc()))
         raise
 
+
+def failure_summary(error: BaseException) -> str:
+    """What rank 0 tells the user of a worker's failure; for running out of memory, also what to do."""
+    summary = f"{type(error).__name__}: {error}".rstrip(": ")
+    if is_out_of_memory(error):
+        summary += (" (out of memory on this worker's device: its copy of the model and its share of each forward "
+                    "did not fit; free memory there, use FP8 Dynamic Quantize before this node, or a smaller image)")
+    return summary
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    # CPU tensors that do not fit raise RuntimeError from torch's allocator, not MemoryError.
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))

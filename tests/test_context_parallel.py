@@ -4,12 +4,14 @@ Rank 0 is the test process; each extra rank is a worker process the node starts,
 the model it is sent. Outputs are compared with one process running the same model.
 """
 import os
+import resource
 import socket
 import subprocess
 import sys
 import threading
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -27,6 +29,8 @@ from test_fp8_quantize import quantized
 # fp32 sums in another order across ranks: far below anything visible, far above a wrong shard.
 SAME_AS_ONE_PROCESS = 1e-5
 REUSING_THRESHOLD = 0.8
+# What a worker may still allocate in the out-of-memory test: far below the wide model's replica.
+WORKER_HEADROOM = 32 * 2**20
 
 
 def across(model, gpus=2, ulysses_degree=0, ring_degree=1, port=0, cfg_parallel=False, ranks="this machine"):
@@ -150,6 +154,20 @@ def test_a_killed_worker_fails_the_prompt_within_seconds_and_the_next_prompt_wor
         ksample(parallel, steps=10_000)
     assert time.monotonic() - killed_at[0] < 10.0
     assert relative_error(ksample(parallel, steps=3), ksample(model, steps=3)) < SAME_AS_ONE_PROCESS
+
+
+def test_out_of_memory_in_a_worker_fails_the_prompt_with_its_error_and_the_next_prompt_works():
+    """A real allocation failure: the worker's address space is capped just above what it uses, then it is
+    sent the replica of a wider model (fp32, about 200 MB), as a GPU worker would meet CUDA's out-of-memory."""
+    ksample(across(tiny_flux_patcher()), steps=1)
+    worker = context_parallel_pool.active_pool().processes[0]
+    cap = psutil.Process(worker.pid).memory_info().vms + WORKER_HEADROOM
+    resource.prlimit(worker.pid, resource.RLIMIT_AS, (cap, cap))
+    wide = tiny_flux_patcher(hidden_size=1024, depth=1, depth_single_blocks=1)
+    with pytest.raises(WorkerFailed, match=r"worker 1: (MemoryError|RuntimeError: .*can't allocate memory.*) \(out of "
+                                           r"memory on this worker's device: .* free memory there, .*next prompt starts"):
+        ksample(across(wide), steps=1)
+    assert relative_error(ksample(across(wide), steps=2), ksample(wide, steps=2)) < SAME_AS_ONE_PROCESS
 
 
 def test_cancel_stops_every_rank_and_the_next_prompt_works():

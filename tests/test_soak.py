@@ -30,6 +30,7 @@ def soak_workflow(index):
         ("LoraLoaderModelOnly", {"lora_name": TEST_LORA_FILE, "strength_model": strength}),
         ("FluxAccelFP8DynamicQuantize", {"activation_scaling": "per-row", "exclude": ""}),
         ("FluxAccelCompile", {"mode": "default", "dynamic_shapes": "automatic"}),
+        ("FluxAccelAttention", {"backend": "auto"}),
         ("FluxAccelFirstBlockCache", {"residual_diff_threshold": threshold, "start_percent": 0.0, "end_percent": 1.0,
                                       "max_consecutive_hits": 0}),
     ]
