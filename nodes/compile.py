@@ -12,6 +12,9 @@ Hook-up, through ComfyUI's own extension points:
   each call costs its own kernel and, at every block, 0.2-0.4 ms of Python dispatch on the host, which
   FP8 blocks on an H100 no longer hide. An inductor decomposition gives the compiler the same math
   in plain torch ops to fuse with the q/k ops around it.
+- the clone leaves ComfyUI's DynamicVRAM (the default on NVIDIA GPUs), which streams each layer's
+  weights inside the block calls: that cuts every compiled block at each linear layer, and Dynamo's
+  size-generic recompile at a second resolution failed on it (a shape error in the streamed linear).
 The compiled graphs persist in ComfyUI's user folder, so a restarted ComfyUI compiles in seconds.
 """
 import functools
@@ -29,7 +32,7 @@ from ..kernels.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, CountingI
                                         shared_inductor_backend, use_persistent_compile_cache)
 from ..kernels.rope import interleaved_rope
 from . import CATEGORY, flux_layout
-from .patcher_hooks import set_wrapper
+from .patcher_hooks import non_dynamic_clone, set_wrapper
 from .reporting import report_run, report_to_sampler_node
 
 NODE_NAME = "Compile FLUX"
@@ -121,7 +124,7 @@ class CompileFlux(io.ComfyNode):
         backend.on_compile_start = announce_compile
         fuse_comfy_kitchen_rope()
         use_persistent_compile_cache(compile_cache_folder())
-        patched = model.clone()
+        patched = non_dynamic_clone(model, NODE_NAME)
         set_torch_compile_wrapper(patched, backend=backend, dynamic=backend.dynamic,
                                   keys=block_keys(*flux_layout.block_counts(diffusion_model)))
         patched.model_options[BACKEND_KEY] = backend

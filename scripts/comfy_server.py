@@ -1,5 +1,6 @@
 """Starts the real ComfyUI server of the host and drives it over its HTTP API (/prompt, /history)."""
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -55,11 +56,13 @@ class ComfyServer:
 
         self.port = free_port()
         device_args = [] if torch.cuda.is_available() else ["--cpu"]
+        frontend_args = ([] if importlib.util.find_spec("comfyui_frontend_package")
+                         else ["--front-end-root", self.no_frontend_folder()])
         log = tempfile.NamedTemporaryFile("w", prefix="comfyui-", suffix=".log", delete=False)
         self.log_path = log.name
         self.process = subprocess.Popen(
             [self.python, "main.py", *device_args, "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", *self.extra_args],
+             "--disable-auto-launch", *frontend_args, *self.extra_args],
             cwd=self.comfyui_dir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
         deadline = time.monotonic() + self.start_timeout
@@ -73,6 +76,12 @@ class ComfyServer:
                 time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"ComfyUI did not answer within {self.start_timeout} s:\n{self.log()}")
+
+    @staticmethod
+    def no_frontend_folder():
+        """ComfyUI exits at start without its frontend package (not on the GPU machines' images) unless given
+        a frontend folder: an empty one serves the API alone, which is all the tests use there."""
+        return tempfile.mkdtemp(prefix="comfyui-no-frontend-")
 
     def stop(self):
         if self.process is None or self.process.poll() is not None:

@@ -177,14 +177,15 @@ comfyui_file_list() {
     # database, bytecode), this host's own additions (custom_nodes' contents, among them the link to
     # this checkout; in models/, everything but upstream's put_*_here placeholders and configs/, such
     # as the weights scripts/flux_fixtures.py makes), and what a headless benchmark never loads: the
-    # tokenizer data (the bulk of the size), blueprints, the API nodes, the tests, CI and git
+    # tokenizer data of the large text encoders (the bulk of the size; CLIP-L's, 1.6 MB, stays for the
+    # test workflows' text encoder), blueprints, the API nodes, the tests, CI and git
     # metadata. Kept: an empty custom_nodes/ and every models/ folder, which folder_paths expects.
     (cd "$src" && find . \
         \( -path ./.git -o -path ./.ci -o -path ./.github \
            -o -path ./blueprints -o -path ./comfy_api_nodes -o -path ./tests -o -path ./tests-unit \
            -o -path ./input -o -path ./output -o -path ./temp -o -path ./user \
            -o -path './custom_nodes/*' -o -name __pycache__ \
-           -o -path ./comfy/sd1_tokenizer -o \( -type d -path './comfy/text_encoders/*_tokenizer' \) \) -prune \
+           -o \( -type d -path './comfy/text_encoders/*_tokenizer' \) \) -prune \
         -o \( -type f -path './models/*' ! -name 'put_*' ! -path './models/configs/*' \) \
         -o -name '*.db' -o -name '*.pyc' \
         -o -print0) | LC_ALL=C sort -z

@@ -1,4 +1,9 @@
-"""kernels.fp8 against a float64 reference of e4m3 rounding (CPU)."""
+"""kernels.fp8 against a float64 reference of e4m3 rounding (CPU), and its Triton kernel against the torch ops."""
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -107,6 +112,81 @@ def test_scaled_mm_linear_matches_the_float64_w8a8_reference(activation_scaling)
     assert relative_error(out.reshape(-1, 96), w8a8) < 2 ** -7, "bf16 output rounding only"
     exact = torch.nn.functional.linear(x.double(), weight.double(), bias.to(torch.bfloat16).double())
     assert relative_error(out, exact) < 0.05
+
+
+# Where the wide-row Triton kernel runs: compiled on a GPU; on the CPU in Triton's interpreter, which
+# must be chosen before Triton is first imported, so a CPU session runs those tests in a child pytest.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel_device = pytest.mark.skipif(KERNEL_DEVICE == "cpu" and not INTERPRETED,
+                                         reason="on the CPU, run in a child pytest in Triton's interpreter")
+
+
+@pytest.mark.skipif(KERNEL_DEVICE == "cuda" or INTERPRETED, reason="the kernel tests run in this process here")
+def test_wide_row_kernel_tests_pass_in_tritons_interpreter():
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "wide_row_kernel"]
+    child = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(__file__)),
+                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and re.search(r"\b4 passed", child.stdout), child.stdout[-3000:] + child.stderr[-3000:]
+
+
+def cast_as_the_kernel_does(values):
+    """values.to(float8_e4m3fn) by Triton's own conversion. Its CPU interpreter rounds ties, subnormals and
+    carries into the next power of two otherwise than a GPU (seen with Triton 3.8), so on the CPU the kernel
+    is held to the torch quantization's scaled values cast this way; on a GPU, to torch's bytes."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(values_ptr, out_ptr, count, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < count
+        tl.store(out_ptr + offsets, tl.load(values_ptr + offsets, mask=inside).to(tl.float8e4nv), mask=inside)
+
+    values = values.contiguous()
+    out = torch.empty(values.shape, dtype=torch.float8_e4m3fn, device=values.device)
+    cast[(triton.cdiv(values.numel(), 1024),)](values, out, values.numel(), BLOCK=1024)
+    return out
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("features", [12288, 15360, 9000])
+def test_wide_row_kernel_gives_the_bytes_of_the_torch_quantization(features):
+    """Rows spanning six orders of magnitude, a zero row, bf16 and float32, taken as a column slice of a
+    wider tensor (the kernel follows the row stride), a width that is not a power of two (masked)."""
+    generator = torch.Generator().manual_seed(features)
+    wider = torch.randn(6, features + 40, generator=generator) * torch.logspace(-3, 3, 6).unsqueeze(1)
+    wider[2] = 0.0
+    for dtype in (torch.bfloat16, torch.float32):
+        rows = wider.to(dtype).to(KERNEL_DEVICE)[:, 40:]
+        qdata, scale = fp8.quantize_wide_rows(rows)
+        expected_qdata, expected_scale = fp8.quantize_rows(rows)
+        if KERNEL_DEVICE == "cpu":
+            expected_qdata = cast_as_the_kernel_does((rows.float() / expected_scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX))
+        assert qdata.dtype == torch.float8_e4m3fn and scale.shape == (6, 1) and torch.equal(scale, expected_scale)
+        same = qdata.view(torch.uint8) == expected_qdata.view(torch.uint8)
+        assert same.all(), f"{(~same).sum().item()} of {same.numel()} bytes differ ({dtype})"
+
+
+@needs_kernel_device
+def test_wide_row_kernel_is_a_custom_op_the_compiler_can_trace():
+    """Schema, fake (meta) implementation and dynamic shapes, as torch.compile uses them."""
+    rows = torch.randn(4, 12288, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    torch.library.opcheck(torch.ops.fluxaccel.quantize_wide_rows.default, (rows,),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_only_wide_rows_on_a_gpu_take_the_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fp8, "quantize_wide_rows", lambda rows: calls.append(rows.shape) or fp8.quantize_rows(rows))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda tensor: True))
+    for features in (3072, 8192, 15360, 16385):
+        fp8.quantize_activation(torch.randn(2, features), "row")
+    fp8.quantize_activation(torch.randn(2, 12288), "tensor")
+    assert calls == [(2, 8192), (2, 15360)]
+    monkeypatch.setattr(fp8, "triton_installed", lambda: False)
+    fp8.quantize_activation(torch.randn(2, 12288), "row")
+    assert calls == [(2, 8192), (2, 15360)], "without Triton the torch ops quantize"
 
 
 def test_layer_selection_patterns():

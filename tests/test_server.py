@@ -82,6 +82,15 @@ def test_compile_shows_progress_while_compiling_and_none_when_warm(comfy_server)
     assert warm["sampler"][-1] == "Compile FLUX: no graph compiled this run (all shapes seen before)"
 
 
+def test_compile_alone_serves_a_second_and_third_size(comfy_server):
+    """On a GPU the server loads models with DynamicVRAM, whose per-layer weight streaming broke Dynamo's
+    size-generic recompile (the second size); Compile FLUX takes its clone off it."""
+    for size, seed in ((96, 12), (128, 13), (112, 14)):
+        _, texts = comfy_server.run_showing_node_texts(text_to_image([COMPILE_NODE], width=size, height=size,
+                                                                     steps=2, seed=seed))
+        assert run_reports(texts["sampler"]) == ["Compile FLUX"], texts["sampler"]
+
+
 def test_fp8_compile_and_cache_stack_through_the_real_loader(comfy_server):
     """The whole stack on the loader-detected test FLUX: the FP8 node reports on itself, the others on the sampler."""
     _, texts = comfy_server.run_showing_node_texts(text_to_image([FP8_NODE, COMPILE_NODE, ATTENTION_NODE, FBC_NODE],

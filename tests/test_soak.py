@@ -1,8 +1,15 @@
 """Back-to-back prompts through the real server with every node in use: nothing grows, nothing goes stale.
 
-CPU variant (scaled down): two models, two LoRA strengths, two First Block Cache thresholds and two
-resolutions, each combination run twice, 16 prompts in all. The second round must reproduce the
-first round's latents exactly, and use no more memory, threads or processes than the first left.
+Two models, two LoRA strengths, two First Block Cache thresholds and two resolutions: 8 combinations,
+each run once per round. Later rounds must reproduce the reference round's latents exactly, and use
+no more memory (process, and on a GPU the memory torch holds there), threads or processes than the
+first left. The reference is the first round on the CPU, where a fresh server's first prompt and a
+later one agree bit for bit. On a GPU it is the second round: until both sizes have been seen,
+prompts run the fixed-shape graphs compiled first, later ones the size-generic graphs, whose
+kernels sum in another order; First Block Cache's threshold can turn those last-bit differences
+into another skip decision (seen on an H200: plain, LoRA, FP8 and LoRA + FP8 chains reproduce
+their first prompt exactly, FP8 + Compile FLUX does not). CI runs 2 rounds on the CPU (16 prompts); on
+a GPU machine, `COMFYUI_DIR=... FLUXACCEL_SOAK_ROUNDS=7 python3 -m pytest tests/test_soak.py` runs 56.
 """
 import os
 
@@ -17,9 +24,13 @@ from flux_fixtures import TEST_LORA_FILE, TEST_UNET_FILE, TEST_UNET_SECOND_NAME
 
 pytestmark = pytest.mark.server
 
-ROUNDS = 2
-# Allocator and page-cache noise of a CPU server that holds two 1 GB models.
+ROUNDS = int(os.environ.get("FLUXACCEL_SOAK_ROUNDS", "3" if torch.cuda.is_available() else "2"))
+COMBINATIONS = 8
+# Allocator and page-cache noise of a server that holds two 1 GB models.
 RSS_GROWTH_BOUND_MB = 256
+# What torch may hold on the GPU after the last round beyond what it held after the first: one
+# activation-sized block of allocator slack, far below a model (1 GB) or a leaked compiled graph's pool.
+GPU_MEMORY_GROWTH_BOUND_MB = 256
 
 
 def soak_workflow(index):
@@ -45,20 +56,24 @@ def saved_latent(entry):
 
 def server_footprint(server):
     process = psutil.Process(server.process.pid)
+    [device] = server.get("/system_stats")["devices"]
     return {"rss_mb": process.memory_info().rss / 2**20, "threads": process.num_threads(),
-            "children": len(process.children(recursive=True))}
+            "children": len(process.children(recursive=True)),
+            "torch_device_memory_mb": device["torch_vram_total"] / 2**20 if device["type"] == "cuda" else 0.0}
 
 
-def test_sixteen_prompts_reproduce_and_leak_nothing(comfy_server):
-    combinations = 8
+def test_back_to_back_prompts_reproduce_and_leak_nothing(comfy_server):
     latents, footprints = [], []
     for soak_round in range(ROUNDS):
-        for index in range(combinations):
+        for index in range(COMBINATIONS):
             latents.append(saved_latent(comfy_server.run(soak_workflow(index))))
         footprints.append(server_footprint(comfy_server))
+    print("per-round footprints:", footprints)
     first, last = footprints[0], footprints[-1]
-    for index in range(combinations):
-        assert torch.equal(latents[combinations + index], latents[index]), f"combination {index} changed"
+    reference = COMBINATIONS if torch.cuda.is_available() else 0
+    for index in range(reference + COMBINATIONS, len(latents)):
+        assert torch.equal(latents[index], latents[reference + index % COMBINATIONS]), f"prompt {index} changed"
     assert len({latent.shape for latent in latents}) == 2 and not torch.equal(latents[0], latents[2])
     assert last["rss_mb"] - first["rss_mb"] < RSS_GROWTH_BOUND_MB, footprints
+    assert last["torch_device_memory_mb"] - first["torch_device_memory_mb"] < GPU_MEMORY_GROWTH_BOUND_MB, footprints
     assert last["threads"] <= first["threads"] and last["children"] <= first["children"], footprints
