@@ -33,8 +33,8 @@ MIN_FP8_MATMUL_CAPABILITY = (8, 9)
 SCALE_FLOOR = torch.finfo(torch.float32).tiny
 # torch._scaled_mm takes FP8 operands whose inner and outer dimensions are multiples of 16.
 SCALED_MM_ALIGNMENT = 16
-# Rows this wide or wider take the one-pass Triton kernel on a GPU; one program holds one row, up to
-# 32 float32 values per thread at 16 warps.
+# Rows 8192 to 16384 wide take the one-pass Triton kernel on a GPU (one program holds one row: up to
+# 32 float32 values per thread at 16 warps); narrower rows stay with inductor's fused quantization.
 WIDE_ROW_FEATURES = (8192, 16384)
 WIDE_ROW_WARPS = 16
 # Weights are quantized this many elements at a time, so that the float32 temporaries of FLUX's

@@ -1,14 +1,15 @@
 """Back-to-back prompts through the real server with every node in use: nothing grows, nothing goes stale.
 
 Two models, two LoRA strengths, two First Block Cache thresholds and two resolutions: 8 combinations,
-each run once per round. Later rounds must reproduce the reference round's latents exactly, and use
+each run once per round, in one process and again with Context Parallel last (its workers get each
+model, LoRA strength and setting in turn). Later rounds must reproduce the reference round's latents exactly, and use
 no more memory (process, and on a GPU the memory torch holds there), threads or processes than the
 first left. The reference is the first round on the CPU, where a fresh server's first prompt and a
 later one agree bit for bit. On a GPU it is the second round: until both sizes have been seen,
 prompts run the fixed-shape graphs compiled first, later ones the size-generic graphs, whose
 kernels sum in another order; First Block Cache's threshold can turn those last-bit differences
 into another skip decision (seen on an H200: plain, LoRA, FP8 and LoRA + FP8 chains reproduce
-their first prompt exactly, FP8 + Compile FLUX does not). CI runs 2 rounds on the CPU (16 prompts); on
+their first prompt exactly, FP8 + Compile FLUX does not). CI runs 2 rounds on the CPU (16 prompts each way); on
 a GPU machine, `COMFYUI_DIR=... FLUXACCEL_SOAK_ROUNDS=7 python3 -m pytest tests/test_soak.py` runs 56.
 """
 import os
@@ -33,7 +34,7 @@ RSS_GROWTH_BOUND_MB = 256
 GPU_MEMORY_GROWTH_BOUND_MB = 256
 
 
-def soak_workflow(index):
+def soak_workflow(index, context_parallel=False):
     model = (TEST_UNET_FILE, TEST_UNET_SECOND_NAME)[index % 2]
     strength, size = ((0.5, 128), (1.0, 160))[(index // 2) % 2]
     threshold = (0.3, 0.6)[(index // 4) % 2]
@@ -45,6 +46,10 @@ def soak_workflow(index):
         ("FluxAccelFirstBlockCache", {"residual_diff_threshold": threshold, "start_percent": 0.0, "end_percent": 1.0,
                                       "max_consecutive_hits": 0}),
     ]
+    if context_parallel:
+        # Two ranks: worker processes on the CPU (gloo), GPUs where there are two.
+        nodes.append(("FluxAccelContextParallel", {"gpus": 2, "ulysses_degree": 0, "ring_degree": 1, "port": 0,
+                                                   "cfg_parallel": False, "ranks": "this machine"}))
     return text_to_image(nodes, width=size, height=size, steps=4, seed=index % 8, unet_name=model)
 
 
@@ -55,18 +60,25 @@ def saved_latent(entry):
 
 
 def server_footprint(server):
+    """The server's and its child processes' (Context Parallel's workers among them) memory and threads."""
     process = psutil.Process(server.process.pid)
+    children = process.children(recursive=True)
     [device] = server.get("/system_stats")["devices"]
-    return {"rss_mb": process.memory_info().rss / 2**20, "threads": process.num_threads(),
-            "children": len(process.children(recursive=True)),
+    return {"rss_mb": sum(p.memory_info().rss for p in [process, *children]) / 2**20,
+            "threads": sum(p.num_threads() for p in [process, *children]), "children": len(children),
             "torch_device_memory_mb": device["torch_vram_total"] / 2**20 if device["type"] == "cuda" else 0.0}
 
 
-def test_back_to_back_prompts_reproduce_and_leak_nothing(comfy_server):
+@pytest.mark.parametrize("context_parallel", [
+    pytest.param(False, id="one-process"),
+    pytest.param(True, id="context-parallel", marks=pytest.mark.skipif(
+        torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="Context Parallel needs two GPUs here")),
+])
+def test_back_to_back_prompts_reproduce_and_leak_nothing(comfy_server, context_parallel):
     latents, footprints = [], []
     for soak_round in range(ROUNDS):
         for index in range(COMBINATIONS):
-            latents.append(saved_latent(comfy_server.run(soak_workflow(index))))
+            latents.append(saved_latent(comfy_server.run(soak_workflow(index, context_parallel))))
         footprints.append(server_footprint(comfy_server))
     print("per-round footprints:", footprints)
     first, last = footprints[0], footprints[-1]
