@@ -1,16 +1,17 @@
 """Back-to-back prompts through the real server with every node in use: nothing grows, nothing goes stale.
 
-Two models, two LoRA strengths, two First Block Cache thresholds and two resolutions: 8 combinations,
-each run once per round, in one process and again with Context Parallel last (its workers get each
-model, LoRA strength and setting in turn). Later rounds must reproduce the reference round's latents exactly, and use
-no more memory (process, and on a GPU the memory torch holds there), threads or processes than the
-first left. The reference is the first round on the CPU, where a fresh server's first prompt and a
-later one agree bit for bit. On a GPU it is the second round: until both sizes have been seen,
-prompts run the fixed-shape graphs compiled first, later ones the size-generic graphs, whose
-kernels sum in another order; First Block Cache's threshold can turn those last-bit differences
-into another skip decision (seen on an H200: plain, LoRA, FP8 and LoRA + FP8 chains reproduce
-their first prompt exactly, FP8 + Compile FLUX does not). CI runs 2 rounds on the CPU (16 prompts each way); on
-a GPU machine, `COMFYUI_DIR=... FLUXACCEL_SOAK_ROUNDS=7 python3 -m pytest tests/test_soak.py` runs 56.
+Two models, two LoRA strengths, two First Block Cache thresholds and two resolutions: 8
+combinations, each run once per round, in one process and again with Context Parallel last (two
+ranks: its worker gets each model, LoRA strength and setting in turn). Later rounds must reproduce
+the reference round's latents exactly, and use no more memory (processes, and on a GPU the memory
+torch holds there), threads or processes than the first left. The reference is the first round on
+the CPU, where a fresh server's first prompt and a later one agree bit for bit. On a GPU it is the
+second round: until both sizes have been seen, prompts run the fixed-shape graphs compiled first,
+later ones the size-generic graphs, whose kernels sum in another order; First Block Cache's
+threshold can turn those last-bit differences into another skip decision (seen on an H200: plain,
+LoRA, FP8 and LoRA + FP8 chains reproduce their first prompt exactly, FP8 + Compile FLUX does not).
+CI runs 2 rounds on the CPU (16 prompts each way); on a GPU machine,
+`COMFYUI_DIR=... FLUXACCEL_SOAK_ROUNDS=7 python3 -m pytest tests/test_soak.py` runs 56.
 """
 import os
 
@@ -22,6 +23,7 @@ import torch
 from api_workflows import text_to_image
 from conftest import COMFYUI_DIR
 from flux_fixtures import TEST_LORA_FILE, TEST_UNET_FILE, TEST_UNET_SECOND_NAME
+from test_server import CONTEXT_PARALLEL_NODE
 
 pytestmark = pytest.mark.server
 
@@ -47,9 +49,7 @@ def soak_workflow(index, context_parallel=False):
                                       "max_consecutive_hits": 0}),
     ]
     if context_parallel:
-        # Two ranks: worker processes on the CPU (gloo), GPUs where there are two.
-        nodes.append(("FluxAccelContextParallel", {"gpus": 2, "ulysses_degree": 0, "ring_degree": 1, "port": 0,
-                                                   "cfg_parallel": False, "ranks": "this machine"}))
+        nodes.append(CONTEXT_PARALLEL_NODE)
     return text_to_image(nodes, width=size, height=size, steps=4, seed=index % 8, unet_name=model)
 
 
