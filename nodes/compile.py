@@ -62,6 +62,17 @@ def fuse_comfy_kitchen_rope():
     register_decomposition([ops.apply_rope.default])(
         lambda xq, xk, freqs_cis: (interleaved_rope(xq, freqs_cis), interleaved_rope(xk, freqs_cis)))
     register_decomposition([ops.apply_rope1.default])(interleaved_rope)
+    forget_inductors_decomposition_snapshot()
+
+
+def forget_inductors_decomposition_snapshot():
+    """Inductor copies its decomposition table at the process's first compilation and uses the copy
+    from then on. After any earlier torch.compile (core's TorchCompileModel, another pack) the copy
+    lacks the ops registered since: torch 2.11 then refuses to compile them ("both a fallback and a
+    decomp for same op"), later versions leave them unfused. The next compilation copies it afresh."""
+    snapshot = getattr(torch._inductor.decomposition, "fast_random_decomps", None)
+    if hasattr(snapshot, "cache_clear"):
+        snapshot.cache_clear()
 
 
 def compile_summary(graphs, graph_breaks, inductor_seconds):
@@ -106,7 +117,8 @@ class CompileFlux(io.ComfyNode):
                 io.Combo.Input(
                     "mode", options=list(COMPILE_MODES), default="default",
                     tooltip=("default: fast compile. max-autotune-no-cudagraphs: benchmarks kernel choices while "
-                             "compiling: a longer first run, sometimes a little faster after.")),
+                             "compiling: a first run of many minutes (over six for FLUX.1-dev on an H200), sometimes "
+                             "a little faster after.")),
                 io.Combo.Input(
                     "dynamic_shapes", options=list(DYNAMIC_SHAPES), default="automatic",
                     tooltip=("automatic: the first size compiles fixed-shape graphs, a second size recompiles them "

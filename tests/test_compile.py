@@ -156,8 +156,12 @@ from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 model = gpu_like_flux()
 if sys.argv[3] == "fp8":
     model = FP8DynamicQuantize.execute(model, "per-row", "").result[0]
+if sys.argv[3] == "after-another-compile":
+    torch.compile(lambda x: x.sin() + 1)(torch.ones(2))
 ksample(compiled(model), steps=2)
-print(json.dumps(dict(torch._dynamo.utils.counters["inductor"])))
+from torch._inductor.decomposition import select_decomp_table
+rope_decomposed = torch.ops.comfy_kitchen.apply_rope.default in select_decomp_table()
+print(json.dumps({**torch._dynamo.utils.counters["inductor"], "rope_decomposed": rope_decomposed}))
 """
 
 
@@ -166,16 +170,28 @@ def test_a_second_process_finds_the_compiled_graphs_on_disk(tmp_path, weights):
     """Also with FP8 Dynamic Quantize's weights, which are graph inputs of a tensor subclass."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile-cache")}
 
-    def inductor_counters():
-        result = subprocess.run([sys.executable, "-c", COMPILE_IN_A_FRESH_PROCESS, PACK_DIR, COMFYUI_DIR, weights],
-                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads(result.stdout.strip().splitlines()[-1])
-
-    cold = inductor_counters()
-    warm = inductor_counters()
+    cold = compile_in_a_fresh_process(tmp_path, env, weights)
+    warm = compile_in_a_fresh_process(tmp_path, env, weights)
     assert cold.get("fxgraph_cache_miss", 0) > 0
     assert warm.get("fxgraph_cache_miss", 0) == 0 and warm.get("fxgraph_cache_hit", 0) == cold["fxgraph_cache_miss"]
+
+
+def compile_in_a_fresh_process(cwd, env, variant):
+    """Inductor's counters after a 2-step sample with Compile FLUX in a new Python process."""
+    result = subprocess.run([sys.executable, "-c", COMPILE_IN_A_FRESH_PROCESS, PACK_DIR, COMFYUI_DIR, variant],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_compiles_after_another_torch_compile_in_the_process(tmp_path):
+    """Core's TorchCompileModel or another pack may compile first, and inductor then copies its
+    decomposition table: the RoPE ops registered later were missing from the copy (torch 2.11 failed
+    every Compile FLUX graph on them, torch 2.14 left them unfused)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile-cache")}
+    counters = compile_in_a_fresh_process(tmp_path, env, "after-another-compile")
+    assert counters.get("fxgraph_cache_miss", 0) > 1
+    assert counters["rope_decomposed"], "inductor compiled FLUX with a decomposition table lacking the RoPE ops"
 
 
 def test_comfyuis_rope_op_reaches_inductor_as_plain_ops_with_the_same_result():
