@@ -44,8 +44,12 @@ QUANTIZE_CHUNK_ELEMENTS = 2**24
 
 def quantize_rows(tensor):
     """(FP8 data, float32 scales of shape [rows, 1]): one scale per row, round to nearest."""
-    amax = tensor.abs().amax(dim=-1, keepdim=True).float()
-    scale = (amax * INVERSE_FP8_MAX).clamp(min=SCALE_FLOOR)
+    return quantize_by_absmax(tensor, tensor.abs().amax(dim=-1, keepdim=True))
+
+
+def quantize_by_absmax(tensor, amax):
+    """(FP8 data, float32 scale): `tensor` scaled so that `amax` (broadcast over it) maps to 448."""
+    scale = (amax.float() * INVERSE_FP8_MAX).clamp(min=SCALE_FLOOR)
     qdata = (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return qdata, scale
 
@@ -94,10 +98,10 @@ def _(rows):
     return rows.new_empty(rows.shape, dtype=FP8_DTYPE), rows.new_empty((rows.shape[0], 1), dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def triton_installed():
-    # PyTorch's CUDA wheels bring Triton on Linux, not on Windows.
-    return importlib.util.find_spec("triton") is not None
+# PyTorch's CUDA wheels bring Triton on Linux, not on Windows. A constant rather than a cached function:
+# compiled graphs read it, and Dynamo warns (once per process, in the user's log) when it traces into a
+# functools cache.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def quantize_activation(rows, activation_scaling):
@@ -105,7 +109,7 @@ def quantize_activation(rows, activation_scaling):
     if activation_scaling != "row":
         return quantize_whole(rows)
     wide = WIDE_ROW_FEATURES[0] <= rows.shape[-1] <= WIDE_ROW_FEATURES[1]
-    if wide and rows.is_cuda and triton_installed():
+    if wide and rows.is_cuda and TRITON_INSTALLED:
         return quantize_wide_rows(rows)
     return quantize_rows(rows)
 
@@ -123,10 +127,7 @@ def quantize_weight_rows(weight, dtype):
 
 def quantize_whole(tensor):
     """(FP8 data, float32 scale of shape [1, 1]): one scale for the whole tensor."""
-    amax = tensor.abs().amax().float().reshape(1, 1)
-    scale = (amax * INVERSE_FP8_MAX).clamp(min=SCALE_FLOOR)
-    qdata = (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return qdata, scale
+    return quantize_by_absmax(tensor, tensor.abs().amax().reshape(1, 1))
 
 
 def dequantize_rows(qdata, scale, dtype):
