@@ -6,7 +6,8 @@ Hook-up, through ComfyUI's extension points:
 - a DIFFUSION_MODEL wrapper sends the workers rank 0's loaded weights when they do not hold them
   yet (LoRA merged, FP8 as quantized), then the forward's inputs, and runs rank 0's share: the
   sharding itself is in context_parallel_ranks, shared with the workers;
-- an ON_DETACH callback frees the workers' replica when ComfyUI unloads the model.
+- an ON_DETACH callback frees the workers' replica when ComfyUI unloads the model, and a finalizer
+  when the model itself is freed.
 """
 import itertools
 import os
@@ -73,6 +74,9 @@ def replica_key(model_patcher, model_options) -> tuple:
     model = model_patcher.model
     if model not in _model_serials:
         _model_serials[model] = next(_next_model_serial)
+        # As ComfyUI's own bookkeeping does: when the model itself is freed (its last clone gone,
+        # without an unload first), the workers free their copy too.
+        weakref.finalize(model, drop_replica_of, _model_serials[model]).atexit = False
     serial = _model_serials[model]
     return (serial, model.current_weight_patches_uuid, *mirrored_behaviours(model_options))
 
@@ -173,9 +177,20 @@ def forward_across_ranks(executor, x, timestep, context, y=None, guidance=None, 
 
 
 def release_replica(model_patcher, unpatch_all):
-    """ON_DETACH callback: ComfyUI unloaded the model, so the workers free their copy too."""
+    """ON_DETACH callback: ComfyUI unloaded the model, so the workers free their copy too.
+
+    A detach that keeps the weights patched (`unpatch_all` False) is no unload: every sampling run
+    loads its own clone of the model, and ComfyUI detaches the previous clone that way, handing the
+    loaded weights over. Dropping the replica then re-sent FLUX.1-dev's 24 GB to the workers at every
+    prompt. A change of weights (another LoRA strength) still sends a new replica: its key changes."""
+    if unpatch_all:
+        drop_replica_of(_model_serials.get(model_patcher.model))
+
+
+def drop_replica_of(model_serial):
+    """Has the workers free their copy of the model with this serial, if that is what they hold."""
     pool = active_pool()
-    if pool is not None and pool.replica_key is not None and pool.replica_key[0] == _model_serials.get(model_patcher.model):
+    if pool is not None and pool.replica_key is not None and pool.replica_key[0] == model_serial:
         pool.drop_replica()
 
 

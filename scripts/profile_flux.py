@@ -3,7 +3,8 @@
 Each variant is loaded and warmed up as in bench_flux.py (same weights, inputs and variant names),
 then one whole KSampler run is profiled. Per step it reports the wall time, the time the GPU spent
 in kernels (the rest is the GPU waiting for the host), that time split by kind (matmuls, attention,
-Triton kernels inductor generated, copies, other), and the heaviest kernels.
+Triton kernels inductor generated, copies, NCCL communication, other), and the heaviest kernels. Under
+Context Parallel it profiles ComfyUI's GPU (rank 0); its NCCL time includes waiting for the other GPUs.
 
     source scripts/device_bootstrap.sh && python3 scripts/profile_flux.py \
         --variants core-bf16+fluxaccel-compile,core-bf16+fluxaccel-fp8+fluxaccel-compile --out $OUT/profile.json
@@ -22,9 +23,11 @@ import bench_flux  # noqa: E402
 import flux_fixtures  # noqa: E402
 
 # (kind, substrings of a kernel's name, lower case), first match wins.
-# Inductor names its Triton kernels after the ops they fuse, so "triton" is tested first.
+# Inductor names its Triton kernels after the ops they fuse, so "triton" is tested first; NCCL's
+# kernels (Context Parallel's all-to-alls and gathers) are "communication".
 KERNEL_KINDS = [
     ("triton", ("triton",)),
+    ("communication", ("nccl",)),
     ("attention", ("flash", "fmha", "attn", "attention", "sdpa")),
     ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "f8f8")),
     ("copy", ("copy", "cat", "memcpy", "memset", "fill")),

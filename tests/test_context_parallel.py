@@ -1,8 +1,11 @@
-"""Context Parallel through ComfyUI's real ModelPatcher and KSampler: worker processes on the CPU with gloo.
+"""Context Parallel through ComfyUI's real ModelPatcher and KSampler: worker processes on the CPU with gloo
+(CI), or one per GPU with NCCL where ComfyUI runs on CUDA (the device machines).
 
 Rank 0 is the test process; each extra rank is a worker process the node starts, with the replica of
-the model it is sent. Outputs are compared with one process running the same model.
+the model it is sent. Outputs are compared with one process running the same model. On GPUs, tests
+that need more ranks than there are GPUs are skipped.
 """
+import gc
 import os
 import resource
 import socket
@@ -33,6 +36,17 @@ REUSING_THRESHOLD = 0.8
 WORKER_HEADROOM = 32 * 2**20
 
 
+ON_GPUS = torch.cuda.is_available()
+
+
+def needs_ranks(count):
+    """Skipped where ComfyUI runs on CUDA with fewer GPUs than `count` ranks (CPU ranks are processes)."""
+    return pytest.mark.skipif(ON_GPUS and torch.cuda.device_count() < count, reason=f"needs {count} GPUs here")
+
+
+pytestmark = needs_ranks(2)
+
+
 def across(model, gpus=2, ulysses_degree=0, ring_degree=1, port=0, cfg_parallel=False, ranks="this machine"):
     return ContextParallel.execute(model, gpus, ulysses_degree, ring_degree, port, cfg_parallel, ranks).result[0]
 
@@ -50,7 +64,7 @@ def context_parallel_reports(caplog):
 @pytest.mark.parametrize("size, text_tokens, gpus", [
     (32, 6, 2),  # 2 token rows, 6 text tokens: equal shares
     (40, 7, 2),  # 3 token rows, 7 text tokens: neither divides, shares are padded and masked
-    (56, 9, 4),  # 4 ranks (the tiny FLUX's 4 heads), 7 token rows, 9 text tokens
+    pytest.param(56, 9, 4, marks=needs_ranks(4)),  # 4 ranks (the tiny FLUX's 4 heads), 7 token rows, 9 text tokens
 ])
 def test_ulysses_gives_the_single_process_output(size, text_tokens, gpus, caplog_info):
     model = tiny_flux_patcher()
@@ -59,7 +73,7 @@ def test_ulysses_gives_the_single_process_output(size, text_tokens, gpus, caplog
     actual = ksample(across(model, gpus), positive, size=size, steps=4)
     assert relative_error(actual, expected) < SAME_AS_ONE_PROCESS
     assert context_parallel_reports(caplog_info)[-1] == (
-        f"Context Parallel (multi-GPU): {gpus} processes (Ulysses {gpus} x ring 1)")
+        f"Context Parallel (multi-GPU): {gpus} {'GPUs' if ON_GPUS else 'processes'} (Ulysses {gpus} x ring 1)")
 
 
 def test_cond_and_uncond_batched_with_cfg():
@@ -69,7 +83,7 @@ def test_cond_and_uncond_batched_with_cfg():
     assert relative_error(ksample(across(model), positive, negative, cfg=3.0, size=40, steps=3), expected) < SAME_AS_ONE_PROCESS
 
 
-@pytest.mark.parametrize("gpus", [2, 4])
+@pytest.mark.parametrize("gpus", [2, pytest.param(4, marks=needs_ranks(4))])
 def test_cfg_parallel_splits_cond_and_uncond_between_the_halves(gpus, caplog_info):
     model = tiny_flux_patcher()
     positive, negative = conditioning(tokens=7, seed=1), conditioning(tokens=7, seed=2)
@@ -77,7 +91,7 @@ def test_cfg_parallel_splits_cond_and_uncond_between_the_halves(gpus, caplog_inf
     actual = ksample(across(model, gpus, cfg_parallel=True), positive, negative, cfg=3.0, size=40, steps=3)
     assert relative_error(actual, expected) < SAME_AS_ONE_PROCESS
     assert context_parallel_reports(caplog_info)[-1] == (
-        f"Context Parallel (multi-GPU): {gpus} processes (Ulysses {gpus // 2} x ring 1, "
+        f"Context Parallel (multi-GPU): {gpus} {'GPUs' if ON_GPUS else 'processes'} (Ulysses {gpus // 2} x ring 1, "
         "CFG parallel: the batch split in 3/3 forwards)")
 
 
@@ -87,6 +101,7 @@ def test_cfg_parallel_with_a_batch_that_does_not_split_runs_it_whole(caplog_info
     assert context_parallel_reports(caplog_info)[-1].endswith("CFG parallel: the batch split in 0/3 forwards)")
 
 
+@needs_ranks(4)
 def test_first_block_cache_decides_alike_on_both_halves_under_cfg_parallel(caplog_info):
     model = tiny_flux_patcher()
     positive, negative = conditioning(tokens=7, seed=1), conditioning(tokens=7, seed=2)
@@ -126,6 +141,24 @@ def test_workers_stay_for_the_next_prompt_and_take_a_new_lora():
     assert context_parallel_pool.active_pool().processes == workers
 
 
+def test_the_workers_keep_their_replica_from_one_prompt_to_the_next(monkeypatch):
+    """Every sampling run loads its own clone of the model, and ComfyUI detaches the previous clone
+    without unloading the weights: the workers' replica stays (FLUX.1-dev's is 24 GB). Other weights
+    (a LoRA) send a new one."""
+    model = tiny_flux_patcher()
+    lora = tiny_lora(model)
+    ksample(across(model), steps=1)
+    pool = context_parallel_pool.active_pool()
+    sent = []
+    send = pool.send
+    monkeypatch.setattr(pool, "send", lambda message: sent.append(type(message).__name__) or send(message))
+    for _ in range(2):
+        ksample(across(model), steps=2)
+    assert sent.count("ForwardRequest") == 4 and "ReplicaSpec" not in sent
+    ksample(with_lora(across(model), lora, 0.5), steps=2)
+    assert sent.count("ReplicaSpec") == 1
+
+
 def test_lora_fp8_compile_attention_and_first_block_cache_carry_over_to_the_workers(caplog_info):
     model = gpu_like_flux()
     lora = tiny_lora(model)
@@ -156,6 +189,7 @@ def test_a_killed_worker_fails_the_prompt_within_seconds_and_the_next_prompt_wor
     assert relative_error(ksample(parallel, steps=3), ksample(model, steps=3)) < SAME_AS_ONE_PROCESS
 
 
+@pytest.mark.skipif(ON_GPUS, reason="on GPUs the test below meets CUDA's own out-of-memory")
 def test_out_of_memory_in_a_worker_fails_the_prompt_with_its_error_and_the_next_prompt_works():
     """A real allocation failure: the worker's address space is capped just above what it uses, then it is
     sent the replica of a wider model (fp32, about 200 MB), as a GPU worker would meet CUDA's out-of-memory."""
@@ -168,6 +202,44 @@ def test_out_of_memory_in_a_worker_fails_the_prompt_with_its_error_and_the_next_
                                            r"memory on this worker's device: .* free memory there, .*next prompt starts"):
         ksample(across(wide), steps=1)
     assert relative_error(ksample(across(wide), steps=2), ksample(wide, steps=2)) < SAME_AS_ONE_PROCESS
+
+
+@pytest.mark.skipif(not ON_GPUS, reason="needs CUDA GPUs")
+def test_out_of_memory_on_a_worker_gpu_fails_the_prompt_with_its_error_and_the_next_prompt_works():
+    """CUDA's own out-of-memory in a worker: the test takes nearly all of the worker GPU's free memory, as
+    another program would, then the worker is sent the replica of a wider model (fp32, about 200 MB)."""
+    ksample(across(tiny_flux_patcher()), steps=1)
+    worker_gpu = torch.device(context_parallel_pool.active_pool().layout.devices[1])
+    free, _ = torch.cuda.mem_get_info(worker_gpu)
+    taken = torch.empty(free - WORKER_HEADROOM, dtype=torch.uint8, device=worker_gpu)
+    wide = tiny_flux_patcher(hidden_size=1024, depth=1, depth_single_blocks=1)
+    try:
+        with pytest.raises(WorkerFailed, match=r"worker 1: OutOfMemoryError: CUDA out of memory.* \(out of memory on "
+                                               r"this worker's device: .* free memory there, .*next prompt starts"):
+            ksample(across(wide), steps=1)
+    finally:
+        del taken
+        torch.cuda.empty_cache()
+    assert relative_error(ksample(across(wide), steps=2), ksample(wide, steps=2)) < SAME_AS_ONE_PROCESS
+
+
+@pytest.mark.skipif(not ON_GPUS, reason="ring attention needs CUDA GPUs")
+@pytest.mark.parametrize("gpus, ulysses_degree, ring_degree", [(2, 1, 2), pytest.param(4, 2, 2, marks=needs_ranks(4))])
+def test_ring_attention_gives_the_single_gpu_output(gpus, ulysses_degree, ring_degree, caplog_info):
+    model = tiny_flux_patcher()
+    positive = conditioning(tokens=8, seed=1)
+    expected = ksample(model, positive, size=64, steps=4)
+    actual = ksample(across(model, gpus, ulysses_degree, ring_degree), positive, size=64, steps=4)
+    assert relative_error(actual, expected) < SAME_AS_ONE_PROCESS
+    assert context_parallel_reports(caplog_info)[-1] == (
+        f"Context Parallel (multi-GPU): {gpus} GPUs (Ulysses {ulysses_degree} x ring {ring_degree})")
+
+
+@pytest.mark.skipif(not ON_GPUS, reason="ring attention needs CUDA GPUs")
+def test_ring_attention_over_shares_that_do_not_divide_gets_a_clear_error():
+    with pytest.raises(WorkerFailed, match="ring attention needs the image's 3 token rows and the prompt's 6 tokens "
+                                           "to divide by 2 GPUs; change the size or use Ulysses only"):
+        ksample(across(tiny_flux_patcher(), 2, 1, 2), size=40, steps=1)
 
 
 def test_cancel_stops_every_rank_and_the_next_prompt_works():
@@ -193,7 +265,8 @@ def test_cancel_stops_every_rank_and_the_next_prompt_works():
     ({"gpus": 4, "ulysses_degree": 2}, "ulysses_degree 2 x ring_degree 1 = 2, but gpus is 4"),
     ({"gpus": 2, "ulysses_degree": 2, "cfg_parallel": True},
      r"2 \(cfg_parallel\) x ulysses_degree 2 x ring_degree 1 = 4, but gpus is 2"),
-    ({"gpus": 2, "ulysses_degree": 1, "ring_degree": 2}, "ring attention needs CUDA GPUs"),
+    pytest.param({"gpus": 2, "ulysses_degree": 1, "ring_degree": 2}, "ring attention needs CUDA GPUs",
+                 marks=pytest.mark.skipif(ON_GPUS, reason="ring attention runs on CUDA GPUs")),
 ])
 def test_bad_settings_get_a_clear_error(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -232,6 +305,17 @@ def test_unloading_the_model_frees_the_workers_replica():
     comfy.model_management.unload_all_models()
     assert pool.replica_key is None, "ComfyUI's unload must reach the workers"
     assert relative_error(ksample(parallel, steps=2), ksample(model, steps=2)) < SAME_AS_ONE_PROCESS
+
+
+def test_freeing_the_model_frees_the_workers_replica():
+    """A model ComfyUI lets go of without unloading it first (its last clone gone from the node cache)."""
+    model = tiny_flux_patcher()
+    ksample(across(model), steps=1)
+    pool = context_parallel_pool.active_pool()
+    assert pool.replica_key is not None
+    del model
+    gc.collect()
+    assert pool.replica_key is None, "the workers must not keep a copy of a model that no longer exists"
 
 
 def free_port_pair():
