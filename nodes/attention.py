@@ -13,6 +13,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..kernels.attention import BACKEND_ORDERS, auto_backend, heads_first_attention
 from . import CATEGORY, flux_layout
+from .patcher_hooks import keep_conds_on_device
 
 NODE_NAME = "FLUX Attention Backend"
 OVERRIDE_KEY = "optimized_attention_override"
@@ -88,6 +89,7 @@ class FluxAttentionBackend(io.ComfyNode):
         if options.get(OVERRIDE_KEY) is not None and attention_backend(patched.model_options) is None:
             logging.warning("%s replaces the attention override another node set on this model.", NODE_NAME)
         options[OVERRIDE_KEY] = AttentionOnBackend(chosen)
+        keep_conds_on_device(patched)
         logging.info("%s: %s attention first on %s.", NODE_NAME, chosen, model.load_device)
         return io.NodeOutput(patched)
 

@@ -32,7 +32,7 @@ from ..kernels.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, CountingI
                                         shared_inductor_backend, use_persistent_compile_cache)
 from ..kernels.rope import interleaved_rope
 from . import CATEGORY, flux_layout
-from .patcher_hooks import non_dynamic_clone, set_wrapper
+from .patcher_hooks import keep_conds_on_device, non_dynamic_clone, set_wrapper
 from .reporting import report_run, report_to_sampler_node
 
 NODE_NAME = "Compile FLUX"
@@ -141,6 +141,7 @@ class CompileFlux(io.ComfyNode):
                                   keys=block_keys(*flux_layout.block_counts(diffusion_model)))
         patched.model_options[BACKEND_KEY] = backend
         set_wrapper(patched, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sample_with_compile_report)
+        keep_conds_on_device(patched)
         return io.NodeOutput(patched)
 
 

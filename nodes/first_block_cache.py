@@ -19,7 +19,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..kernels.first_block_cache import FirstBlockCache
 from . import CATEGORY, flux_layout
-from .patcher_hooks import set_wrapper
+from .patcher_hooks import keep_conds_on_device, set_wrapper
 from .reporting import report_run
 
 SETTINGS_KEY = "fluxaccel.first_block_cache"
@@ -229,6 +229,7 @@ class ApplyFirstBlockCache(io.ComfyNode):
         for wrapper_type, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, sample_with_fresh_cache),
                                       (comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, start_model_evaluation)):
             set_wrapper(patched, wrapper_type, WRAPPER_KEY, wrapper)
+        keep_conds_on_device(patched)
         return io.NodeOutput(patched)
 
 
