@@ -11,12 +11,14 @@ activation. That serves rows of FLUX's width (3072) well; for the MLPs' wide inp
 = attention + MLP in the single blocks) it generated a reduction and a second pass over each row: on
 an H200, 173 and 304 us per call (4096 x 12288 and 4608 x 15360), 14 % of a step. Wide rows on a GPU
 take `quantize_wide_rows` instead, a Triton kernel that holds a row in registers, reads it once and
-gives the same bytes; inductor then writes the row's input out first, and the step's quantization
-and norm kernels still drop from 28.6 to 25.2 ms.
+gives the same bytes. Inductor then writes the row's input (the GELU, the concatenation) out first;
+under Compile FLUX a graph pass (`kernels.fp8_graph_fusion`) hands those inputs to `quantize_gelu_rows`,
+which computes the GELU itself from the previous layer's output.
 """
 import fnmatch
 import functools
 import importlib.util
+import typing
 
 import torch
 
@@ -37,6 +39,10 @@ SCALED_MM_ALIGNMENT = 16
 # 32 float32 values per thread at 16 warps); narrower rows stay with inductor's fused quantization.
 WIDE_ROW_FEATURES = (8192, 16384)
 WIDE_ROW_WARPS = 16
+# `quantize_gelu_rows` reads a row this many elements at a time, a program of 4 warps per row: the fastest
+# of 512-2048 elements x 2-16 warps on an H200 (4608 x 15360: 86 us, 100 at 1024 elements).
+GELU_ROW_BLOCK = 2048
+GELU_ROW_WARPS = 4
 # Weights are quantized this many elements at a time, so that the float32 temporaries of FLUX's
 # largest layer (66 M elements) stay at 64 MiB each instead of adding 1 GiB to the load's peak VRAM.
 QUANTIZE_CHUNK_ELEMENTS = 2**24
@@ -54,40 +60,18 @@ def quantize_by_absmax(tensor, amax):
     return qdata, scale
 
 
-@functools.lru_cache(maxsize=None)
-def wide_row_kernel():
-    """The Triton kernel of `quantize_wide_rows`, built on first use (Triton is imported only where it runs)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def quantize_row(x_ptr, qdata_ptr, scale_ptr, features, x_row_stride, FP8_MAX: tl.constexpr,
-                     INVERSE_FP8_MAX: tl.constexpr, SCALE_FLOOR: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        columns = tl.arange(0, BLOCK)
-        inside = columns < features
-        values = tl.load(x_ptr + row * x_row_stride + columns, mask=inside, other=0.0)
-        amax = tl.max(tl.abs(values), axis=0).to(tl.float32)
-        scale = tl.maximum(amax * INVERSE_FP8_MAX, SCALE_FLOOR)
-        # Correctly rounded, as torch divides by a tensor: the same quotients give the same bytes.
-        scaled = tl.math.div_rn(values.to(tl.float32), scale)
-        quantized = tl.minimum(tl.maximum(scaled, -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
-        tl.store(qdata_ptr + row * features + columns, quantized, mask=inside)
-        tl.store(scale_ptr + row, scale)
-
-    return quantize_row
-
-
 @torch.library.custom_op("fluxaccel::quantize_wide_rows", mutates_args=())
 def quantize_wide_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows(rows)` of a 2-D tensor in one Triton kernel (a custom op: compiled graphs call it)."""
     import triton
 
-    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    from . import fp8_triton
+
+    rows = contiguous_rows(rows)
     qdata = torch.empty(rows.shape, dtype=FP8_DTYPE, device=rows.device)
     scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=rows.device)
     if rows.shape[0] > 0:
-        wide_row_kernel()[(rows.shape[0],)](
+        fp8_triton.quantize_row[(rows.shape[0],)](
             rows, qdata, scale, rows.shape[1], rows.stride(0), FP8_MAX=FP8_MAX, INVERSE_FP8_MAX=INVERSE_FP8_MAX,
             SCALE_FLOOR=SCALE_FLOOR, BLOCK=triton.next_power_of_2(rows.shape[1]), num_warps=WIDE_ROW_WARPS)
     return qdata, scale
@@ -96,6 +80,39 @@ def quantize_wide_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @quantize_wide_rows.register_fake
 def _(rows):
     return rows.new_empty(rows.shape, dtype=FP8_DTYPE), rows.new_empty((rows.shape[0], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("fluxaccel::quantize_gelu_rows", mutates_args=())
+def quantize_gelu_rows(prefix: typing.Optional[torch.Tensor],
+                       pre_activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows(cat([prefix, gelu_tanh(pre_activation)], -1))` of 2-D tensors, without writing the
+    GELU or the concatenation out: the MLP's second linear layer's input (`prefix`: the single blocks'
+    attention output, or None). The GELU is quantized from float32, not first rounded to the input's dtype."""
+    from . import fp8_triton
+
+    pre_activation = contiguous_rows(pre_activation)
+    prefix = pre_activation[:, :0] if prefix is None else contiguous_rows(prefix)
+    features = prefix.shape[1] + pre_activation.shape[1]
+    qdata = torch.empty((pre_activation.shape[0], features), dtype=FP8_DTYPE, device=pre_activation.device)
+    scale = torch.empty((pre_activation.shape[0], 1), dtype=torch.float32, device=pre_activation.device)
+    if pre_activation.shape[0] > 0:
+        fp8_triton.quantize_gelu_row[(pre_activation.shape[0],)](
+            prefix, prefix.shape[1], prefix.stride(0), pre_activation, pre_activation.shape[1],
+            pre_activation.stride(0), qdata, scale, FP8_MAX=FP8_MAX, INVERSE_FP8_MAX=INVERSE_FP8_MAX,
+            SCALE_FLOOR=SCALE_FLOOR, BLOCK=GELU_ROW_BLOCK, num_warps=GELU_ROW_WARPS)
+    return qdata, scale
+
+
+@quantize_gelu_rows.register_fake
+def _(prefix, pre_activation):
+    features = pre_activation.shape[1] + (0 if prefix is None else prefix.shape[1])
+    return (pre_activation.new_empty((pre_activation.shape[0], features), dtype=FP8_DTYPE),
+            pre_activation.new_empty((pre_activation.shape[0], 1), dtype=torch.float32))
+
+
+def contiguous_rows(rows):
+    """`rows` if its elements are contiguous within each row (a column slice is), else a contiguous copy."""
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 # PyTorch's CUDA wheels bring Triton on Linux, not on Windows. A constant rather than a cached function:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fp8_graph_fusion
+
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # torch.compile's `dynamic`: None marks a dimension dynamic once it is seen to change (one
 # recompilation per shape class), True compiles shape-generic graphs from the start, False
@@ -41,7 +43,8 @@ class CountingInductorBackend:
             raise ValueError(f"dynamic shapes must be one of {', '.join(DYNAMIC_SHAPES)}, got {dynamic_shapes!r}.")
         self.settings = (mode, dynamic_shapes)
         self.dynamic = DYNAMIC_SHAPES[dynamic_shapes]
-        self.inductor_options = torch._inductor.list_mode_options(mode, self.dynamic)
+        self.inductor_options = {**torch._inductor.list_mode_options(mode, self.dynamic),
+                                 **fp8_graph_fusion.inductor_options()}
         self.counter = CompileCounter()
         # Called with the graph's number before each compilation, to tell the person waiting.
         self.on_compile_start = None
