@@ -180,6 +180,10 @@ def test_wide_row_kernel_is_a_custom_op_the_compiler_can_trace():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+# FLUX's single blocks' linear1 output: q, k, v (3 x 3072), then the MLP's 12288 pre-activations.
+QKV_FEATURES, MLP_FEATURES = 9216, 12288
+
+
 def gelu(x, approximate="tanh"):
     return torch.nn.functional.gelu(x, approximate=approximate)
 
@@ -190,10 +194,10 @@ def mlp_rows(prefix_features, rows=6, seed=0):
     GELU's absmax from the largest input in the large rows, from every GELU in the small ones), a zero row."""
     generator = torch.Generator().manual_seed(seed)
     magnitudes = torch.logspace(-3, 3, rows).unsqueeze(1)
-    layer_output = torch.randn(rows, 9216 + 12288, generator=generator) * magnitudes
+    layer_output = torch.randn(rows, QKV_FEATURES + MLP_FEATURES, generator=generator) * magnitudes
     prefix = torch.randn(rows, prefix_features, generator=generator) * magnitudes
     layer_output[2], prefix[2] = 0.0, 0.0
-    pre_activation = layer_output.to(torch.bfloat16).to(KERNEL_DEVICE)[:, 9216:]
+    pre_activation = layer_output.to(torch.bfloat16).to(KERNEL_DEVICE)[:, QKV_FEATURES:]
     return (prefix.to(torch.bfloat16).to(KERNEL_DEVICE) if prefix_features else None), pre_activation
 
 
@@ -233,12 +237,12 @@ def single_block_mlp_input(layer_output, attention):
     """FLUX's single blocks: attention [batch, heads, tokens, head_dim] to tokens, cat(attention, gelu(mlp))."""
     batch, heads, tokens, head_dim = attention.shape
     attention = attention.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
-    rows = torch.cat((attention, gelu(layer_output[..., 9216:])), 2)
+    rows = torch.cat((attention, gelu(layer_output[..., QKV_FEATURES:])), 2)
     return fp8.quantize_wide_rows(rows.reshape(-1, rows.shape[-1]))
 
 
 def double_block_mlp_input(layer_output):
-    activated = gelu(layer_output[..., 9216:])
+    activated = gelu(layer_output[..., QKV_FEATURES:])
     return fp8.quantize_wide_rows(activated.reshape(-1, activated.shape[-1]))
 
 
@@ -255,7 +259,7 @@ def fluxaccel_ops_run_by(function, *arguments):
 
 def flux_mlp_tensors(tokens=8):
     generator = torch.Generator().manual_seed(3)
-    layer_output = torch.randn(1, tokens, 9216 + 12288, generator=generator).to(torch.bfloat16).to(KERNEL_DEVICE)
+    layer_output = torch.randn(1, tokens, QKV_FEATURES + MLP_FEATURES, generator=generator).to(torch.bfloat16).to(KERNEL_DEVICE)
     attention = torch.randn(1, 24, tokens, 128, generator=generator).to(torch.bfloat16).to(KERNEL_DEVICE)
     return layer_output, attention
 
@@ -268,26 +272,26 @@ def test_gelu_row_kernel_takes_over_the_mlp_inputs_in_compiled_graphs():
     tokens_attention = attention.transpose(1, 2).reshape(8, 3072)
     (qdata, scale), ops = fluxaccel_ops_run_by(single_block_mlp_input, layer_output, attention)
     assert ops == {"quantize_gelu_rows"}
-    expected = fp8.quantize_gelu_rows(tokens_attention, layer_output[0, :, 9216:])
+    expected = fp8.quantize_gelu_rows(tokens_attention, layer_output[0, :, QKV_FEATURES:])
     assert torch.equal(qdata.view(torch.uint8), expected[0].view(torch.uint8)) and torch.equal(scale, expected[1])
 
     (qdata, scale), ops = fluxaccel_ops_run_by(double_block_mlp_input, layer_output)
     assert ops == {"quantize_gelu_rows"}
-    expected = fp8.quantize_gelu_rows(None, layer_output[0, :, 9216:])
+    expected = fp8.quantize_gelu_rows(None, layer_output[0, :, QKV_FEATURES:])
     assert torch.equal(qdata.view(torch.uint8), expected[0].view(torch.uint8)) and torch.equal(scale, expected[1])
 
 
 def exact_gelu_rows(layer_output):
-    return fp8.quantize_wide_rows(gelu(layer_output[0, :, 9216:], approximate="none"))
+    return fp8.quantize_wide_rows(gelu(layer_output[0, :, QKV_FEATURES:], approximate="none"))
 
 
 def gelu_of_gelu_rows(layer_output):
-    return fp8.quantize_wide_rows(gelu(gelu(layer_output[0, :, 9216:])))
+    return fp8.quantize_wide_rows(gelu(gelu(layer_output[0, :, QKV_FEATURES:])))
 
 
 def rows_joined_along_tokens(layer_output):
     """cat along the token dimension: the quantized rows are not [prefix, gelu] rows."""
-    rows = torch.cat((layer_output[0, :, :12288], gelu(layer_output[0, :, 9216:])), 0)
+    rows = torch.cat((layer_output[0, :, :MLP_FEATURES], gelu(layer_output[0, :, QKV_FEATURES:])), 0)
     return fp8.quantize_wide_rows(rows)
 
 
