@@ -11,7 +11,8 @@ Hook-up, through ComfyUI's own extension points:
 - ComfyUI applies FLUX's RoPE through comfy_kitchen's custom ops, which the compiler cannot see into:
   each call costs its own kernel and, at every block, 0.2-0.4 ms of Python dispatch on the host, which
   FP8 blocks on an H100 no longer hide. An inductor decomposition gives the compiler the same math
-  in plain torch ops to fuse with the q/k ops around it.
+  in plain torch ops to fuse with the q/k ops around it; where the q/k norms and the RoPE have FLUX's
+  own form, the backend first hands them, with v, to one Triton kernel (`kernels.qk_norm_rope_fusion`).
 - the clone leaves ComfyUI's DynamicVRAM (the default on NVIDIA GPUs), which streams each layer's
   weights inside the block calls: that cuts every compiled block at each linear layer, and Dynamo's
   size-generic recompile at a second resolution failed on it (a shape error in the streamed linear).

@@ -1,14 +1,13 @@
 """kernels.fp8 against a float64 reference of e4m3 rounding (CPU); its Triton kernels against the torch ops, and
 the compile pass that hands the MLP inputs to the GELU-fusing kernel."""
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from fluxaccel.kernels import fp8, regional_compile
+from triton_interpreter import (KERNEL_DEVICE, assert_passes_in_tritons_interpreter, needs_kernel_device,
+                                runs_kernel_tests_in_a_child)
 
 
 def e4m3_grid():
@@ -118,20 +117,9 @@ def test_scaled_mm_linear_matches_the_float64_w8a8_reference(activation_scaling)
     assert relative_error(out, exact) < 0.05
 
 
-# Where the row kernels (Triton) run: compiled on a GPU; on the CPU in Triton's interpreter, which
-# must be chosen before Triton is first imported, so a CPU session runs those tests in a child pytest.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel_device = pytest.mark.skipif(KERNEL_DEVICE == "cpu" and not INTERPRETED,
-                                         reason="on the CPU, run in a child pytest in Triton's interpreter")
-
-
-@pytest.mark.skipif(KERNEL_DEVICE == "cuda" or INTERPRETED, reason="the kernel tests run in this process here")
+@runs_kernel_tests_in_a_child
 def test_row_kernel_tests_pass_in_tritons_interpreter():
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "row_kernel"]
-    child = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(__file__)),
-                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0 and re.search(r"\b11 passed", child.stdout), child.stdout[-3000:] + child.stderr[-3000:]
+    assert_passes_in_tritons_interpreter(__file__, "row_kernel", 11)
 
 
 def cast_as_the_kernel_does(values):
