@@ -212,6 +212,9 @@ def parallel_attention(query, key, value, groups: RankGroups, local_attention: A
             raise ValueError("ring attention needs equal token shares (no padding)")
 
         def ring_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+            # Contiguous for the rotation of keys and values between GPUs: under Compile FLUX attention's
+            # inputs are heads-first views of token-major tensors, and with Ulysses degree 1 they come as is.
+            q, k, v = (t.contiguous() for t in (q, k, v))
             return ring_attn_func(q, k, v, scale=scale, mesh=groups.ring)
 
         if degrees.ulysses == 1:
