@@ -73,9 +73,9 @@ def triton_qk_norm_rope(qkv, query_weights, key_weights, eps, freqs_cis):
 
     head_dim = query_weights[0].shape[-1]
     shape = token_major_shape(qkv, head_dim)
-    outputs = tuple(torch.empty(shape, dtype=qkv[0].dtype, device=qkv[0].device) for _ in range(QKV_PARTS))
     if 1 < freqs_cis.shape[2] < shape[1]:
         raise ValueError(f"RoPE matrices for {freqs_cis.shape[2]} positions, attention over {shape[1]} tokens")
+    outputs = tuple(torch.empty(shape, dtype=qkv[0].dtype, device=qkv[0].device) for _ in range(QKV_PARTS))
     freqs = freqs_cis.flatten(-3)
     if freqs.stride(-1) != 1:
         freqs = freqs.contiguous()

@@ -21,6 +21,7 @@ from . import qk_norm_rope  # registers fluxaccel::qk_norm_rope
 QK_NORM_ROPE = torch.ops.fluxaccel.qk_norm_rope.default
 ROPE_OP_NAME = "comfy_kitchen.apply_rope"
 RMS_NORMS = (torch.rms_norm, torch.nn.functional.rms_norm)
+RMS_NORM_ARGUMENTS = ("input", "normalized_shape", "weight", "eps")
 HEADS_FIRST = (2, 0, 3, 1, 4)
 QUERY, KEY, VALUE = range(3)
 TOKENS_DIM = 2
@@ -49,7 +50,7 @@ def fuse_rope(graph, rope):
     segments = [segment_of(q, k) for q, k in zip(query_norms, key_norms)]
     if not segments or len(query_norms) != len(key_norms) or None in segments:
         return False
-    eps = {norm_eps(norm) for norm in query_norms + key_norms}
+    eps = {rms_norm_arguments(norm).get("eps") for norm in query_norms + key_norms}
     values = value_nodes([segment.heads for segment in segments])
     if len(eps) != 1 or not values:
         return False
@@ -111,27 +112,26 @@ def rms_norm_of(node):
     """`node` if it is rms_norm(x, (d,), weight) over a head's last dimension, with a weight; else None."""
     if node is None or not any(is_call(node, norm) for norm in RMS_NORMS):
         return None
-    arguments = normalized_arguments(node, ("input", "normalized_shape", "weight", "eps"))
+    arguments = rms_norm_arguments(node)
     head_dim = example_value(arguments["input"]).shape[-1]
     if arguments.get("weight") is None or list(arguments["normalized_shape"]) != [head_dim]:
         return None
     return node
 
 
-def norm_eps(norm):
-    return normalized_arguments(norm, ("input", "normalized_shape", "weight", "eps")).get("eps")
+def rms_norm_arguments(norm):
+    return normalized_arguments(norm, RMS_NORM_ARGUMENTS)
 
 
 def segment_of(query_norm, key_norm):
     """The segment whose query and key `query_norm` and `key_norm` normalize, or None."""
-    query_parts = split_part(normalized_arguments(query_norm, ("input",))["input"])
-    key_parts = split_part(normalized_arguments(key_norm, ("input",))["input"])
+    query_parts = split_part(rms_norm_arguments(query_norm)["input"])
+    key_parts = split_part(rms_norm_arguments(key_norm)["input"])
     if query_parts is None or key_parts is None or (query_parts[0], query_parts[1], key_parts[1]) != (
             key_parts[0], QUERY, KEY):
         return None
     heads, qkv = query_parts[0], query_parts[2]
-    weights = [normalized_arguments(norm, ("input", "normalized_shape", "weight"))["weight"]
-               for norm in (query_norm, key_norm)]
+    weights = [rms_norm_arguments(norm)["weight"] for norm in (query_norm, key_norm)]
     return Segment(qkv, heads, *weights)
 
 

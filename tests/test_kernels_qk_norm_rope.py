@@ -31,9 +31,14 @@ def segments(dtype, heads=3, batch=2, tokens=(5, 9), device="cpu", seed=1):
             [w[1].to(dtype).to(device) for w in weights])
 
 
+def flux_heads(qkv, heads):
+    """Each segment's (q, k, v), split into heads as FLUX's blocks do."""
+    return [t.view(t.shape[0], t.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4) for t in qkv]
+
+
 def flux_normed_heads(qkv, query_weights, key_weights, heads, eps=None):
     """FLUX's blocks as ComfyUI writes them: split heads, RMS-norm, concatenate the segments."""
-    parts = [t.view(t.shape[0], t.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4) for t in qkv]
+    parts = flux_heads(qkv, heads)
     queries = torch.cat([torch.rms_norm(q, (HEAD_DIM,), w, eps).to(v) for (q, _, v), w in zip(parts, query_weights)], 2)
     keys = torch.cat([torch.rms_norm(k, (HEAD_DIM,), w, eps).to(v) for (_, k, v), w in zip(parts, key_weights)], 2)
     return queries, keys, torch.cat([v for _, _, v in parts], 2)
@@ -136,10 +141,9 @@ def scaled_query_inputs(qkv, query_weights, key_weights, freqs_cis, heads):
 
 
 def unnormed_key_inputs(qkv, query_weights, key_weights, freqs_cis, heads):
-    parts = [t.view(t.shape[0], t.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4) for t in qkv]
-    queries = torch.cat([torch.rms_norm(q, (HEAD_DIM,), w).to(v) for (q, _, v), w in zip(parts, query_weights)], 2)
-    keys = torch.cat([k for _, k, _ in parts], 2)
-    return (*torch.ops.comfy_kitchen.apply_rope(queries, keys, freqs_cis), torch.cat([v for _, _, v in parts], 2))
+    queries, _, values = flux_normed_heads(qkv, query_weights, key_weights, heads)
+    keys = torch.cat([k for _, k, _ in flux_heads(qkv, heads)], 2)
+    return (*torch.ops.comfy_kitchen.apply_rope(queries, keys, freqs_cis), values)
 
 
 @pytest.mark.parametrize("function", [scaled_query_inputs, unnormed_key_inputs])
