@@ -11,6 +11,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from . import fp8  # registers the fluxaccel:: custom ops below
+from . import inductor_heuristics
 
 aten = torch.ops.aten
 QUANTIZE_WIDE_ROWS = torch.ops.fluxaccel.quantize_wide_rows.default
@@ -28,8 +29,9 @@ class FuseGeluIntoQuantization(CustomGraphPass):
             graph.eliminate_dead_code()
 
     def uuid(self):
-        # Inductor caches compiled graphs under a key that includes this: a changed pass compiles anew.
-        return get_hash_for_files((__file__,))
+        # Inductor caches compiled graphs under a key that includes this (and not the heuristics Compile FLUX's
+        # backend compiles under): a changed pass or changed heuristics compile anew.
+        return get_hash_for_files((__file__, inductor_heuristics.__file__))
 
 
 def fuse_gelu(graph, quantization):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fp8_graph_fusion, qk_norm_rope_fusion
+from . import fp8_graph_fusion, inductor_heuristics, qk_norm_rope_fusion
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # torch.compile's `dynamic`: None marks a dimension dynamic once it is seen to change (one
@@ -56,7 +56,8 @@ class CountingInductorBackend:
             self.on_compile_start(self.counter.graphs + 1)
         started = time.perf_counter()
         qk_norm_rope_fusion.fuse_qk_norm_rope(graph_module)
-        compiled = compile_fx(graph_module, example_inputs, config_patches=self.inductor_options)
+        with inductor_heuristics.wide_row_reductions():
+            compiled = compile_fx(graph_module, example_inputs, config_patches=self.inductor_options)
         self.counter.graphs += 1
         self.counter.seconds += time.perf_counter() - started
         return compiled
