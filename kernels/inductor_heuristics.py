@@ -23,9 +23,11 @@ class WideRowReductions(InductorChoices):
     def should_use_persistent_reduction(features, cooperative_reduction) -> bool:
         if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
             return True
-        # Inner reductions only (a row's elements contiguous), and never where inductor was told not to.
+        # Inner reductions only (a row's elements contiguous), and never where inductor was told not to or
+        # fixes a sum's block size (its "strict sums", in torch releases that have them).
+        strict_sum_block = getattr(features, "strict_sum_rblock", lambda: None)()
         return (torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
-                and features.get_reduction_hint() == ReductionHint.INNER
+                and strict_sum_block is None and features.get_reduction_hint() == ReductionHint.INNER
                 and V.graph.sizevars.statically_known_leq(features.reduction_numel, PERSISTENT_ROW_LIMIT))
 
 
