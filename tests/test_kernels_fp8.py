@@ -117,6 +117,51 @@ def test_scaled_mm_linear_matches_the_float64_w8a8_reference(activation_scaling)
     assert relative_error(out, exact) < 0.05
 
 
+def one_row_layer(in_features=300, out_features=40, seed=2):
+    """A row, FP8 weight (data, scales) and bias; by default sizes that are no multiples of the kernel's blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, in_features, generator=generator).to(torch.bfloat16)
+    qdata, scale = fp8.quantize_rows(torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5)
+    bias = (torch.randn(out_features, generator=generator) * 0.1).to(torch.bfloat16)
+    return tuple(t.to(KERNEL_DEVICE) for t in (x, qdata, scale, bias))
+
+
+@needs_kernel_device
+def test_one_row_gemv_kernel_is_the_weight_only_matmul():
+    """Against float64 of the same FP8 weight and the unquantized row: only the float32 sums and the outputs'
+    rounding to bf16 differ."""
+    x, qdata, scale, bias = one_row_layer()
+    weight = qdata.double() * scale.double()
+    for layer_bias in (bias, None):
+        out = fp8.one_row_linear(x, qdata, scale, layer_bias)
+        expected = x.double() @ weight.t() + (0 if layer_bias is None else layer_bias.double())
+        assert out.shape == (1, 40) and out.dtype == torch.bfloat16
+        assert relative_error(out.cpu(), expected.cpu()) < 2 ** -8
+
+
+@needs_kernel_device
+def test_one_row_gemv_kernel_is_a_custom_op_the_compiler_can_trace():
+    x, qdata, scale, bias = one_row_layer()
+    for layer_bias in (bias, None):
+        # Not opcheck's test_schema: it multiplies the inputs, which torch cannot do to an FP8 tensor on the CPU.
+        torch.library.opcheck(torch.ops.fluxaccel.one_row_linear.default, (x, qdata, scale, layer_bias),
+                              test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and fp8.fp8_matmul_supported("cuda")),
+                    reason="needs FP8 tensor cores")
+def test_fp8_layers_on_one_row_read_the_weight_in_the_gemv_kernel():
+    x, qdata, scale, bias = one_row_layer(in_features=320, out_features=48)  # sizes _scaled_mm takes
+    assert torch.equal(fp8.fp8_linear(x.unsqueeze(0), qdata, scale, bias)[0], fp8.one_row_linear(x, qdata, scale, bias))
+    rows = torch.cat([x, x])  # more rows: the FP8 tensor-core GEMM, activations quantized
+    assert not torch.equal(fp8.fp8_linear(rows, qdata, scale, bias)[:1], fp8.one_row_linear(x, qdata, scale, bias))
+
+
+@runs_kernel_tests_in_a_child
+def test_gemv_kernel_tests_pass_in_tritons_interpreter():
+    assert_passes_in_tritons_interpreter(__file__, "gemv_kernel", 2)
+
+
 @runs_kernel_tests_in_a_child
 def test_row_kernel_tests_pass_in_tritons_interpreter():
     assert_passes_in_tritons_interpreter(__file__, "row_kernel", 11)
