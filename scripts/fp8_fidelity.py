@@ -108,7 +108,9 @@ def render(results, model, command, cases, steps, seconds):
         f"- Sampling: ComfyUI's KSampler node, {steps} steps, Euler, \"simple\", cfg 1, FLUX guidance 3.5; "
         f"{len(cases)} cases (the prompts and seeds of docs/FIDELITY.md).",
         "- The pack's FP8 tensor-core path is run on the CPU with torch._scaled_mm, the same math as on a GPU "
-        "(checked against float64 in tests/test_kernels_fp8.py). Core's fp8_e4m3fn_fast runs its own fp8_ops layers.",
+        "(checked against float64 in tests/test_kernels_fp8.py), except that on a GPU the layers called on one row "
+        "(the modulations) read their FP8 weight with the row unquantized, as the weight-only path does. "
+        "Core's fp8_e4m3fn_fast runs its own fp8_ops layers.",
         "- PSNR peak: the dynamic range of the bf16 latent; SSIM as in docs/FIDELITY.md.",
         "",
         "| variant | mean PSNR vs bf16 (dB) | min PSNR (dB) | mean SSIM |",
