@@ -151,12 +151,17 @@ def contiguous_rows(rows):
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
+def triton_kernels_take(tensor):
+    """Whether the pack's Triton kernels can run on `tensor`: a CUDA tensor, Triton installed."""
+    return tensor.is_cuda and TRITON_INSTALLED
+
+
 def quantize_activation(rows, activation_scaling):
     """(FP8 data, float32 scales) of activation rows [n, features], as `activation_scaling` says."""
     if activation_scaling != "row":
         return quantize_whole(rows)
     wide = WIDE_ROW_FEATURES[0] <= rows.shape[-1] <= WIDE_ROW_FEATURES[1]
-    if wide and rows.is_cuda and TRITON_INSTALLED:
+    if wide and triton_kernels_take(rows):
         return quantize_wide_rows(rows)
     return quantize_rows(rows)
 
@@ -207,7 +212,7 @@ def fp8_linear(x, weight_qdata, weight_scale, bias=None, activation_scaling="row
 
 def scaled_mm_linear(x, weight_qdata, weight_scale, bias, activation_scaling):
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] == 1 and rows.is_cuda and TRITON_INSTALLED:
+    if rows.shape[0] == 1 and triton_kernels_take(rows):
         return one_row_linear(rows, weight_qdata, weight_scale, bias).reshape(*x.shape[:-1], weight_qdata.shape[0])
     x_qdata, x_scale = quantize_activation(rows, activation_scaling)
     # Row-wise _scaled_mm takes one scale per row of each operand, and writes bf16. Fast accumulation

@@ -17,7 +17,7 @@ import typing
 import torch
 
 from . import rope
-from .fp8 import TRITON_INSTALLED
+from .fp8 import triton_kernels_take
 
 QKV_PARTS = 3
 # A program per token: FLUX.1-dev's 4608 tokens x 3 x 3072 took 50 us at 2 warps, 51-60 at 1, 4, 8, 16 (H200).
@@ -46,7 +46,7 @@ def _(qkv, query_weights, key_weights, eps, freqs_cis):
 def kernel_takes(qkv, head_dim, freqs_cis):
     """Whether the Triton kernel runs: a GPU, half-precision activations, float32 RoPE matrices (ComfyUI's) and a
     power-of-two head size (the kernel's block)."""
-    return (qkv.is_cuda and TRITON_INSTALLED and qkv.dtype in (torch.bfloat16, torch.float16)
+    return (triton_kernels_take(qkv) and qkv.dtype in (torch.bfloat16, torch.float16)
             and freqs_cis.dtype == torch.float32 and head_dim & (head_dim - 1) == 0)
 
 
