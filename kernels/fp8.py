@@ -18,6 +18,7 @@ which computes the GELU itself from the previous layer's output.
 import fnmatch
 import functools
 import importlib.util
+import os
 import typing
 
 import torch
@@ -106,7 +107,8 @@ def quantize_gelu_rows(prefix: typing.Optional[torch.Tensor],
         fp8_triton.quantize_gelu_row[(pre_activation.shape[0],)](
             prefix, prefix.shape[1], prefix.stride(0), pre_activation, pre_activation.shape[1],
             pre_activation.stride(0), qdata, scale, FP8_MAX=FP8_MAX, INVERSE_FP8_MAX=INVERSE_FP8_MAX,
-            SCALE_FLOOR=SCALE_FLOOR, BLOCK=GELU_ROW_BLOCK, num_warps=GELU_ROW_WARPS)
+            SCALE_FLOOR=SCALE_FLOOR, BLOCK=GELU_ROW_BLOCK, PTX=compiles_to_ptx(pre_activation),
+            num_warps=GELU_ROW_WARPS)
     return qdata, scale
 
 
@@ -154,6 +156,17 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 def triton_kernels_take(tensor):
     """Whether the pack's Triton kernels can run on `tensor`: a CUDA tensor, Triton installed."""
     return tensor.is_cuda and TRITON_INSTALLED
+
+
+def triton_interpreting():
+    """Whether Triton runs kernels in its interpreter (on any device: how CI's CPU runs them)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def compiles_to_ptx(tensor):
+    """Whether Triton compiles a kernel on `tensor` to NVIDIA PTX, so that it may hold inline PTX: not on AMD GPUs,
+    not in Triton's interpreter."""
+    return tensor.is_cuda and torch.version.hip is None and not triton_interpreting()
 
 
 def quantize_activation(rows, activation_scaling):

@@ -258,6 +258,21 @@ def test_gelu_row_kernel_quantizes_the_concatenated_gelu(prefix_features):
         assert ((dequantized - exact).abs() <= 2 ** -4 * 1.001 * exact.abs() + 2 ** -10 * scale.double()).all()
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.version.hip is None), reason="needs an NVIDIA GPU")
+def test_gelu_row_kernel_gives_the_same_bytes_with_the_ptx_reciprocal(monkeypatch):
+    """On an NVIDIA GPU the GELU's division is rcp.approx's reciprocal times x: the bytes of the division."""
+    generator = torch.Generator().manual_seed(3)
+    layer_output = (torch.randn(256, QKV_FEATURES + MLP_FEATURES, generator=generator) * 2).to(torch.bfloat16).cuda()
+    prefix = torch.randn(256, 3072, generator=generator).to(torch.bfloat16).cuda()
+    pre_activation = layer_output[:, QKV_FEATURES:]
+    assert fp8.compiles_to_ptx(pre_activation)
+    qdata, scale = fp8.quantize_gelu_rows(prefix, pre_activation)
+    monkeypatch.setattr(fp8, "compiles_to_ptx", lambda tensor: False)
+    divided_qdata, divided_scale = fp8.quantize_gelu_rows(prefix, pre_activation)
+    assert torch.equal(scale, divided_scale)
+    assert (qdata.view(torch.uint8) != divided_qdata.view(torch.uint8)).sum() <= qdata.numel() * 1e-6
+
+
 @needs_kernel_device
 def test_gelu_row_kernel_is_a_custom_op_the_compiler_can_trace():
     prefix, pre_activation = mlp_rows(3072)
