@@ -158,15 +158,15 @@ def triton_kernels_take(tensor):
     return tensor.is_cuda and TRITON_INSTALLED
 
 
-def triton_interpreting():
-    """Whether Triton runs kernels in its interpreter (on any device: how CI's CPU runs them)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Whether Triton compiles kernels to NVIDIA PTX (so that they may hold inline PTX): not in a ROCm build, not in
+# Triton's interpreter (where CI's CPU runs them), which TRITON_INTERPRET chooses before Triton is first imported.
+# A constant, as TRITON_INSTALLED: the GELU kernel's launch reads it at every call.
+TRITON_EMITS_PTX = torch.version.hip is None and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def compiles_to_ptx(tensor):
-    """Whether Triton compiles a kernel on `tensor` to NVIDIA PTX, so that it may hold inline PTX: not on AMD GPUs,
-    not in Triton's interpreter."""
-    return tensor.is_cuda and torch.version.hip is None and not triton_interpreting()
+    """Whether Triton compiles a kernel on `tensor` to NVIDIA PTX: a CUDA tensor where Triton emits PTX."""
+    return tensor.is_cuda and TRITON_EMITS_PTX
 
 
 def quantize_activation(rows, activation_scaling):
