@@ -351,6 +351,153 @@ def test_row_kernel_fusion_leaves_other_inputs_to_quantize_wide_rows(function):
     assert ops == {"quantize_wide_rows"}
 
 
+def block_input_tensors(batch=2, tokens=6, features=3072, shared_modulation=False, seed=4):
+    """FLUX's block input in bf16 on the kernel's device: x [batch, tokens, features], its rows from 1e-2 to 1e2 in
+    magnitude around offsets, and the modulation [batch or 1, 1, 2 * features] that shift and scale come from."""
+    generator = torch.Generator().manual_seed(seed)
+    magnitudes = torch.logspace(-2, 2, tokens).view(1, tokens, 1)
+    x = torch.randn(batch, tokens, features, generator=generator) * magnitudes
+    x += torch.randn(batch, tokens, 1, generator=generator) * magnitudes
+    modulation = torch.randn(1 if shared_modulation else batch, 1, 2 * features, generator=generator) * 0.3
+    return x.to(torch.bfloat16).to(KERNEL_DEVICE), modulation.to(torch.bfloat16).to(KERNEL_DEVICE)
+
+
+def layer_norm_modulation(modulation):
+    """(mult, shift) as ComfyUI's FLUX blocks modulate: 1 + scale and shift."""
+    shift, scale = modulation.chunk(2, -1)
+    return 1 + scale, shift
+
+
+def block_input_rows(x, modulation, affine=None):
+    """The FP8 rows of a FLUX block's first linear layer, computed as its blocks do."""
+    mult, shift = layer_norm_modulation(modulation)
+    normalized = torch.nn.functional.layer_norm(x, (x.shape[-1],), affine, affine, eps=1e-6)
+    return fp8.quantize_rows(torch.addcmul(shift, normalized, mult).reshape(-1, x.shape[-1]))
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("features,shared_modulation", [(3072, False), (3072, True), (320, False)])
+def test_layer_norm_kernel_quantizes_the_modulated_rows(features, shared_modulation):
+    """e4m3's precision against the float64 rows; on a GPU also the torch ops' rows: scales within a bf16 step of
+    the row's absmax, bytes but for rounding. (Triton's interpreter casts to bf16 and e4m3 toward zero, a whole
+    e4m3 step off at worst, where a GPU rounds to nearest.)"""
+    x, modulation = block_input_tensors(features=features, shared_modulation=shared_modulation)
+    mult, shift = layer_norm_modulation(modulation)
+    qdata, scale = fp8.quantize_modulated_layer_norm(x, mult, shift, 1e-6)
+    assert qdata.shape == (12, features) and qdata.dtype == torch.float8_e4m3fn and scale.shape == (12, 1)
+    normalized = torch.nn.functional.layer_norm(x.double(), (features,), eps=1e-6)
+    exact = (normalized * mult.double() + shift.double()).reshape(-1, features)
+    exact_scale = exact.abs().amax(1, keepdim=True) / fp8.FP8_MAX
+    torch.testing.assert_close(scale.double(), exact_scale, rtol=2 ** -5, atol=0)
+    errors = (qdata.double() * scale.double() - exact).norm(dim=1) / exact.norm(dim=1)
+    assert errors.max() < (0.04 if KERNEL_DEVICE == "cuda" else 0.1)
+    if KERNEL_DEVICE == "cuda":
+        expected_qdata, expected_scale = block_input_rows(x, modulation)
+        torch.testing.assert_close(scale, expected_scale, rtol=2 ** -7, atol=0)
+        assert (qdata.view(torch.uint8) != expected_qdata.view(torch.uint8)).float().mean() < 1e-3
+
+
+@needs_kernel_device
+def test_layer_norm_kernel_is_a_custom_op_the_compiler_can_trace():
+    x, modulation = block_input_tensors(features=320)
+    torch.library.opcheck(torch.ops.fluxaccel.quantize_modulated_layer_norm.default,
+                          (x, *layer_norm_modulation(modulation), 1e-6),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def block_input_as_a_sum(x, modulation):
+    """The modulation written out (as inductor may decompose addcmul): shift + norm * mult."""
+    mult, shift = layer_norm_modulation(modulation)
+    normalized = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-6)
+    return fp8.quantize_rows((shift + normalized * mult).reshape(-1, x.shape[-1]))
+
+
+def block_input_with_an_unrounded_norm(x, modulation):
+    """As torch 2.11's inductor leaves addcmul(shift, layer_norm(x), mult) on a GPU: without the norm's rounding
+    to bf16 before addcmul's upcast."""
+    mult, shift = layer_norm_modulation(modulation)
+    upcast = x.float()
+    variance, mean = torch.var_mean(upcast, -1, correction=0, keepdim=True)
+    normalized = (upcast - mean) * torch.rsqrt(variance + 1e-6)
+    return fp8.quantize_rows((shift.float() + normalized * mult.float()).to(x.dtype).reshape(-1, x.shape[-1]))
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("function", [block_input_rows, block_input_as_a_sum, block_input_with_an_unrounded_norm])
+@pytest.mark.parametrize("shared_modulation", [False, True])
+def test_layer_norm_kernel_takes_over_the_block_inputs_in_compiled_graphs(function, shared_modulation):
+    """The pack's compile backend hands layer norm + modulation + FP8 rows of a graph input to the kernel."""
+    x, modulation = block_input_tensors(shared_modulation=shared_modulation)
+    (qdata, scale), ops = fluxaccel_ops_run_by(function, x, modulation)
+    assert ops == {"quantize_modulated_layer_norm"}
+    expected = fp8.quantize_modulated_layer_norm(x, *layer_norm_modulation(modulation), 1e-6)
+    assert torch.equal(qdata.view(torch.uint8), expected[0].view(torch.uint8)) and torch.equal(scale, expected[1])
+
+
+def addcmul_as_an_fma(self, tensor1, tensor2, *, value=1):
+    return torch._inductor.inductor_prims.fma(tensor1.float() * value, tensor2.float(), self.float()).to(self.dtype)
+
+
+def addcmul_as_an_upcast_sum(self, tensor1, tensor2, *, value=1):
+    return (self.float() + value * tensor1.float() * tensor2.float()).to(self.dtype)
+
+
+@pytest.fixture
+def inductor_addcmul_decomposition(monkeypatch):
+    """Installs an inductor decomposition of addcmul (torch releases and devices differ in whether and how
+    inductor decomposes it) for the test's compilations."""
+    from torch._inductor import decomposition
+
+    def install(function):
+        monkeypatch.setitem(decomposition.decompositions, torch.ops.aten.addcmul.default, function)
+        decomposition.fast_random_decomps.cache_clear()
+
+    yield install
+    monkeypatch.undo()
+    decomposition.fast_random_decomps.cache_clear()
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("decomposition", [addcmul_as_an_fma, addcmul_as_an_upcast_sum])
+def test_layer_norm_kernel_takes_over_decomposed_addcmul(inductor_addcmul_decomposition, decomposition):
+    inductor_addcmul_decomposition(decomposition)
+    x, modulation = block_input_tensors()
+    _, ops = fluxaccel_ops_run_by(block_input_rows, x, modulation)
+    assert ops == {"quantize_modulated_layer_norm"}
+
+
+def block_input_with_affine_weights(x, modulation):
+    return block_input_rows(x, modulation, affine=torch.ones(x.shape[-1], dtype=x.dtype, device=x.device))
+
+
+def block_input_after_a_residual_add(x, modulation):
+    return block_input_rows(x + x.flip(1), modulation)
+
+
+def block_input_quantized_whole(x, modulation):
+    mult, shift = layer_norm_modulation(modulation)
+    normalized = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-6)
+    return fp8.quantize_whole(torch.addcmul(shift, normalized, mult).reshape(-1, x.shape[-1]))
+
+
+def block_input_normalized_over_tokens(x, modulation):
+    return block_input_rows(x.transpose(1, 2).contiguous(), modulation[:, :, :12])
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("function", [block_input_with_affine_weights, block_input_after_a_residual_add,
+                                      block_input_quantized_whole, block_input_normalized_over_tokens])
+def test_layer_norm_kernel_fusion_leaves_other_quantizations_to_inductor(function):
+    x, modulation = block_input_tensors()
+    _, ops = fluxaccel_ops_run_by(function, x, modulation)
+    assert ops == set()
+
+
+@runs_kernel_tests_in_a_child
+def test_layer_norm_kernel_tests_pass_in_tritons_interpreter():
+    assert_passes_in_tritons_interpreter(__file__, "layer_norm_kernel", 16)
+
+
 def test_only_wide_rows_on_a_gpu_take_the_kernel(monkeypatch):
     calls = []
     monkeypatch.setattr(fp8, "quantize_wide_rows", lambda rows: calls.append(rows.shape) or fp8.quantize_rows(rows))
