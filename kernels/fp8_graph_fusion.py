@@ -55,7 +55,7 @@ class FuseIntoQuantization(CustomGraphPass):
 
 def fuse_gelu(graph, quantization):
     """Replaces `quantization` by `quantize_gelu_rows` where its rows are [prefix,] gelu(x); whether it did."""
-    parts = concatenated_parts(without_reshapes(quantization.args[0]))
+    parts = concatenated_parts(without(quantization.args[0], RESHAPES))
     pre_activation = tanh_gelu_input(parts[-1]) if 1 <= len(parts) <= 2 else None
     if pre_activation is None:
         return False
@@ -69,15 +69,9 @@ def fuse_gelu(graph, quantization):
     return True
 
 
-def without_reshapes(node):
-    while node.op == "call_function" and node.target in RESHAPES:
-        node = node.args[0]
-    return node
-
-
 def concatenated_parts(node):
     """The tensors concatenated along the last dimension into `node`, or [node] if it is no concatenation."""
-    if node.op != "call_function" or node.target != aten.cat.default:
+    if not is_call(node, aten.cat.default):
         return [node]
     tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     last_dim = node.meta["val"].dim() - 1
@@ -115,7 +109,7 @@ def fuse_modulated_layer_norm(graph, fp8_cast):
     """Replaces the FP8 rows cast by `fp8_cast`, and their scales, by `quantize_modulated_layer_norm`'s where
     the rows are a modulated layer norm of a graph input; whether it did."""
     quantization = row_quantization(fp8_cast)
-    block_input = modulated_layer_norm(without_reshapes(quantization[0])) if quantization else None
+    block_input = modulated_layer_norm(without(quantization[0], RESHAPES)) if quantization else None
     if block_input is None or not kernel_takes(block_input[0], fp8_cast):
         return False
     scale = quantization[1]
@@ -161,9 +155,9 @@ def modulated_layer_norm(node):
     shift, *factors = terms
     for normalized, mult in (factors, factors[::-1]):
         norm = layer_norm_input(normalized)
-        if norm is not None and norm[0].op == "placeholder" and is_modulation_of(mult, norm[0]):
-            if is_modulation_of(shift, norm[0]):
-                return norm[0], mult, shift, norm[1]
+        if (norm is not None and norm[0].op == "placeholder" and is_modulation_of(mult, norm[0])
+                and is_modulation_of(shift, norm[0])):
+            return norm[0], mult, shift, norm[1]
     return None
 
 
