@@ -16,6 +16,11 @@ Hook-up, through ComfyUI's own extension points:
 - the clone leaves ComfyUI's DynamicVRAM (the default on NVIDIA GPUs), which streams each layer's
   weights inside the block calls: that cuts every compiled block at each linear layer, and Dynamo's
   size-generic recompile at a second resolution failed on it (a shape error in the streamed linear).
+- with `cuda_graphs` on, a DIFFUSION_MODEL wrapper replays each model call from a CUDA graph
+  (`kernels.cuda_graphs`), captured at the second call of each input shape and weight set. Host code
+  in the forward runs only at capture, so calls whose host code decides per step are never replayed:
+  block patches (First Block Cache, other packs'), another diffusion-model wrapper (Context Parallel),
+  layers streamed or patched per call (a partial load). Graphs are dropped when the model is unloaded.
 The compiled graphs persist in ComfyUI's user folder, so a restarted ComfyUI compiles in seconds.
 """
 import functools
@@ -29,6 +34,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 from comfy_api.torch_helpers import set_torch_compile_wrapper
 
+from ..kernels.cuda_graphs import CallCounts, CapturedCalls, call_signature, weights_signature
 from ..kernels.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, CountingInductorBackend, graph_break_count,
                                         shared_inductor_backend, use_persistent_compile_cache)
 from ..kernels.rope import interleaved_rope
@@ -39,6 +45,11 @@ from .reporting import report_run, report_to_sampler_node
 NODE_NAME = "Compile FLUX"
 BACKEND_KEY = "fluxaccel.compile"
 WRAPPER_KEY = "fluxaccel.compile"
+CUDA_GRAPHS_KEY = "fluxaccel.cuda_graphs"
+# transformer_options entries ComfyUI sets anew for every call; FLUX's forward does not read them.
+PER_CALL_OPTIONS = ("uuids", "sigmas", "sample_sigmas")
+# The parts of a model call that decide whether a CUDA graph captured earlier can replay it.
+CALL_PARTS = ("input shapes", "transformer options", "weights")
 
 
 def compile_cache_folder():
@@ -90,15 +101,115 @@ def announce_compile(graph_number):
                            "(once per block kind and size class; kept on disk for later runs)...")
 
 
+def cuda_graphs_summary(counts: CallCounts, bypass_reason, changed):
+    if counts.replayed == 0 and bypass_reason is not None:
+        return f"CUDA graphs not used: {bypass_reason}"
+    calls = counts.replayed + counts.eager
+    summary = f"{counts.replayed} of {calls} model calls replayed from CUDA graphs ({counts.captured} captured)"
+    return summary + (f"; changed from call to call: {', '.join(sorted(changed))}" if changed else "")
+
+
 def sample_with_compile_report(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper: counts what this sampling run compiled and reports it."""
-    backend: CountingInductorBackend = executor.class_obj.model_options[BACKEND_KEY]
+    """OUTER_SAMPLE wrapper: counts what this sampling run compiled and replayed, and reports it."""
+    model_options = executor.class_obj.model_options
+    backend: CountingInductorBackend = model_options[BACKEND_KEY]
+    forward_graphs: ReplayedForward | None = model_options.get(CUDA_GRAPHS_KEY)
     graphs, seconds, breaks = backend.counter.graphs, backend.counter.seconds, graph_break_count()
+    if forward_graphs is not None:
+        forward_graphs.start_run()
     try:
         return executor(*args, **kwargs)
     finally:
-        report_run(compile_summary(backend.counter.graphs - graphs, graph_break_count() - breaks,
-                                   backend.counter.seconds - seconds))
+        summary = compile_summary(backend.counter.graphs - graphs, graph_break_count() - breaks,
+                                  backend.counter.seconds - seconds)
+        if forward_graphs is not None:
+            summary += "; " + cuda_graphs_summary(forward_graphs.calls.counts, forward_graphs.bypass_reason,
+                                                  forward_graphs.changed)
+        report_run(summary)
+
+
+class ReplayedForward:
+    """DIFFUSION_MODEL wrapper: FLUX's forward replayed from CUDA graphs where its host code decides
+    nothing per call; otherwise run as is, with the reason kept for the run's report."""
+
+    def __init__(self):
+        self.calls = CapturedCalls(NODE_NAME)
+        self.bypass_reason = None
+        # What made calls differ this run (each difference means a capture), for the run's report.
+        self.changed = set()
+        self.previous_parts = None
+
+    def start_run(self):
+        self.calls.counts = CallCounts()
+        self.bypass_reason = None
+        self.changed = set()
+
+    def __call__(self, executor, *args, **kwargs):
+        # ComfyUI's FLUX calls its forward as (x, timestep, context, y, guidance, ref_latents, control,
+        # transformer_options, **kwargs).
+        *inputs, transformer_options = args
+        reason = replay_blocker(executor.class_obj, inputs[0], transformer_options)
+        options = None if reason else call_signature((), forward_options(transformer_options), ())
+        if reason or options is None:
+            self.bypass_reason = reason or "the model's transformer options hold values that cannot be compared"
+            return executor(*args, **kwargs)
+        parts = (call_signature(tuple(inputs), kwargs, ()), options, weights_signature(executor.class_obj))
+        self.note_changes(parts)
+        return self.calls(lambda *call_inputs, **call_kwargs: executor(*call_inputs, transformer_options, **call_kwargs),
+                          tuple(inputs), kwargs, parts[1:])
+
+    def note_changes(self, parts):
+        if self.previous_parts is not None:
+            self.changed.update(name for name, part, previous in zip(CALL_PARTS, parts, self.previous_parts)
+                                if part != previous)
+        self.previous_parts = parts
+
+    def release(self, model_patcher, unpatch_all):
+        """ON_DETACH callback: an unloaded model's graphs and their memory go. ComfyUI also detaches a
+        loaded model, weights left in place (unpatch_all false), each time a run asks for it again."""
+        if unpatch_all:
+            self.calls.release()
+
+
+def forward_options(transformer_options):
+    """The transformer options FLUX's forward may read (attention override, RoPE options, wrappers)."""
+    return {key: value for key, value in transformer_options.items() if key not in PER_CALL_OPTIONS}
+
+
+def replay_blocker(diffusion_model, x, transformer_options):
+    """Why a call's host code may decide differently from call to call, or None."""
+    if x.device.type != "cuda":
+        return f"the model runs on {x.device.type}, not on a CUDA GPU"
+    if any(transformer_options.get("patches", {}).values()) or any(transformer_options.get("patches_replace", {}).values()):
+        return "block patches (First Block Cache, or another node's) decide on the host at every step"
+    wrappers = transformer_options.get("wrappers", {}).get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
+    if others := [key for key, functions in wrappers.items() if key != CUDA_GRAPHS_KEY and functions]:
+        return f"another node wraps the diffusion model ({', '.join(map(str, others))})"
+    if any(streamed_or_patched_per_call(module, x.device) for module in diffusion_model.modules()):
+        return "ComfyUI streams or patches some weights in every call (a partial load: not enough free VRAM)"
+    return None
+
+
+def streamed_or_patched_per_call(module, device):
+    """Whether ComfyUI moves the layer's weights to `device` or applies weight functions (LoRA on
+    offloaded weights) to them in every call."""
+    return (getattr(module, "weight_function", None) or getattr(module, "bias_function", None)
+            or any(parameter is not None and parameter.device != device for parameter in module._parameters.values()))
+
+
+def use_cuda_graphs(model_patcher, enabled):
+    """Adds, or with `enabled` false removes, the CUDA-graph replay of the model's forward."""
+    model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CUDA_GRAPHS_KEY)
+    model_patcher.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, CUDA_GRAPHS_KEY)
+    model_patcher.model_options.pop(CUDA_GRAPHS_KEY, None)
+    if not enabled:
+        return
+    forward_graphs = ReplayedForward()
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CUDA_GRAPHS_KEY,
+                                       forward_graphs)
+    model_patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, CUDA_GRAPHS_KEY,
+                                        forward_graphs.release)
+    model_patcher.model_options[CUDA_GRAPHS_KEY] = forward_graphs
 
 
 class CompileFlux(io.ComfyNode):
@@ -126,12 +237,19 @@ class CompileFlux(io.ComfyNode):
                              "once as size-generic graphs that serve every later resolution, batch and prompt length. "
                              "dynamic: size-generic from the first run. static: one graph set per size (a recompile "
                              "for each new resolution or batch).")),
+                io.Boolean.Input(
+                    "cuda_graphs", default=True, optional=True,
+                    tooltip=("Replays each model call from a CUDA graph (captured at the second call of each size), "
+                             "so the GPU never waits for the CPU to issue its work: faster on a busy machine. "
+                             "Not used, and said so on the sampler node, where something decides on the CPU at every "
+                             "step (First Block Cache, Context Parallel, block patches, a partial load). Costs "
+                             "the VRAM of one model call's activations per size while the model stays loaded.")),
             ],
             outputs=[io.Model.Output(tooltip="The same model; its blocks run compiled while sampling.")],
         )
 
     @classmethod
-    def execute(cls, model, mode, dynamic_shapes) -> io.NodeOutput:
+    def execute(cls, model, mode, dynamic_shapes, cuda_graphs=True) -> io.NodeOutput:
         diffusion_model = flux_layout.flux_diffusion_model(model, NODE_NAME)
         backend = shared_inductor_backend(mode, dynamic_shapes)
         backend.on_compile_start = announce_compile
@@ -142,6 +260,7 @@ class CompileFlux(io.ComfyNode):
                                   keys=block_keys(*flux_layout.block_counts(diffusion_model)))
         patched.model_options[BACKEND_KEY] = backend
         set_wrapper(patched, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sample_with_compile_report)
+        use_cuda_graphs(patched, cuda_graphs)
         keep_conds_on_device(patched)
         return io.NodeOutput(patched)
 

@@ -9,7 +9,8 @@ run (its time is the first-run overhead), then `--runs` timed runs (median repor
 Variants:
   core-bf16, core-fp8fast            ComfyUI alone: bf16 weights; fp8_e4m3fn weights with fp8_optimizations
   core-bf16+compile, core-fp8fast+compile   the same under core TorchCompileModel (inductor)
-  <any>+fluxaccel-compile            the variant under the pack's Compile FLUX (regional, default mode)
+  <any>+fluxaccel-compile            the variant under the pack's Compile FLUX (regional, default mode, CUDA graphs)
+  <any>+fluxaccel-compile-no-cudagraphs   the same with the node's cuda_graphs off (kernels launched one by one)
   <any>+fluxaccel-fp8                the variant under the pack's FP8 Dynamic Quantize (per-row activations);
                                      modifiers apply left to right: core-bf16+fluxaccel-fp8+fluxaccel-compile
   <any>+fluxaccel-attention          the variant under the pack's FLUX Attention Backend (auto)
@@ -131,8 +132,8 @@ def apply_variant(model, variant):
         elif part == "compile":
             model = model.clone()
             set_torch_compile_wrapper(model=model, backend="inductor")
-        elif part == "fluxaccel-compile":
-            model = CompileFlux.execute(model, "default", "automatic").result[0]
+        elif part in ("fluxaccel-compile", "fluxaccel-compile-no-cudagraphs"):
+            model = CompileFlux.execute(model, "default", "automatic", part == "fluxaccel-compile").result[0]
         elif part == "fluxaccel-fp8":
             model = FP8DynamicQuantize.execute(model, "per-row", "").result[0]
         elif part == "fluxaccel-attention":

@@ -71,8 +71,8 @@ def test_compiled_with_no_graph_break_and_no_recompile_between_runs(caplog_info)
     assert relative_error(ksample(compiled), expected) < FP32_ROUNDING
     ksample(compiled, seed=3)
     reports = [record.getMessage() for record in caplog_info.records if record.getMessage().startswith("Compile FLUX")]
-    assert reports[-2].endswith(", 0 graph breaks")
-    assert reports[-1] == "Compile FLUX: no graph compiled this run (all shapes seen before)"
+    assert reports[-2].partition("; ")[0].endswith(", 0 graph breaks")
+    assert reports[-1].startswith("Compile FLUX: no graph compiled this run (all shapes seen before)")
 
 
 def test_auto_keeps_comfyuis_order_where_cudnn_was_not_measured_faster():

@@ -9,13 +9,16 @@ import torch
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
+import comfy.model_management
+import comfy.patcher_extension
 import comfy.quant_ops
 
 import folder_paths
 from conftest import COMFYUI_DIR, PACK_DIR
 from fluxaccel.kernels import qk_norm_rope_fusion
 from fluxaccel.kernels.regional_compile import use_persistent_compile_cache
-from fluxaccel.nodes.compile import BACKEND_KEY, CompileFlux, compile_cache_folder
+from fluxaccel.nodes.compile import BACKEND_KEY, CUDA_GRAPHS_KEY, CompileFlux, compile_cache_folder
+from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 from cache_reports import parse_compile_report
 from flux_fixtures import tiny_flux_patcher
 from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, tiny_lora, with_cache,
@@ -23,6 +26,7 @@ from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksam
 
 # fp32 on the CPU: inductor's fused kernels reorder sums, nothing more.
 FP32_ROUNDING = 1e-5
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
 def compiled(model, dynamic_shapes="automatic"):
@@ -33,8 +37,15 @@ def graphs_compiled_per_run(caplog):
     return [graphs for record in caplog.records if (graphs := parse_compile_report(record.getMessage())) is not None]
 
 
+def cuda_graph_reports(caplog):
+    """What each run's Compile FLUX report says about CUDA graphs."""
+    return [message.partition("; ")[2] for record in caplog.records
+            if (message := record.getMessage()).startswith("Compile FLUX: ") and "; " in message]
+
+
 def graph_break_reports(caplog):
-    return [record.getMessage() for record in caplog.records if "graph breaks" in record.getMessage()]
+    """Each run's Compile FLUX report up to its graph breaks (what it says about CUDA graphs follows)."""
+    return [message.partition("; ")[0] for record in caplog.records if "graph breaks" in (message := record.getMessage())]
 
 
 class BlockOutputRecorder:
@@ -214,3 +225,63 @@ def test_comfyuis_rope_op_reaches_inductor_as_plain_ops_with_the_same_result():
     assert "comfy_kitchen" not in graph.code
     for actual, expected in zip(graph(query, key, freqs_cis), comfy.quant_ops.ck.apply_rope(query, key, freqs_cis)):
         torch.testing.assert_close(actual, expected)
+
+
+def launched_one_by_one(model):
+    return CompileFlux.execute(model, "default", "automatic", False).result[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's report")
+def test_on_the_cpu_the_report_says_cuda_graphs_are_not_used(caplog_info):
+    ksample(compiled(gpu_like_flux()), steps=2)
+    assert cuda_graph_reports(caplog_info)[-1] == "CUDA graphs not used: the model runs on cpu, not on a CUDA GPU"
+
+
+def test_cuda_graphs_off_takes_the_replay_off_a_compiled_model():
+    model = launched_one_by_one(compiled(gpu_like_flux()))
+    assert CUDA_GRAPHS_KEY not in model.model_options
+    assert not model.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CUDA_GRAPHS_KEY)
+
+
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_replayed_runs_give_the_launched_runs_latents_bit_for_bit(fp8, caplog_info):
+    model = gpu_like_flux(dtype=torch.bfloat16)
+    model = FP8DynamicQuantize.execute(model, "per-row", "").result[0] if fp8 else model
+    launched = ksample(launched_one_by_one(model), steps=6)
+    replaying = compiled(model)
+    assert torch.equal(ksample(replaying, steps=6), launched)
+    assert torch.equal(ksample(replaying, steps=6), launched)
+    assert cuda_graph_reports(caplog_info)[-2:] == ["4 of 6 model calls replayed from CUDA graphs (1 captured)",
+                                                    "6 of 6 model calls replayed from CUDA graphs (0 captured)"]
+
+
+@needs_cuda
+def test_a_lora_or_size_change_is_captured_anew(caplog_info):
+    model = gpu_like_flux(dtype=torch.bfloat16)
+    lora, replaying = tiny_lora(model), compiled(model)
+    for strength, size in ((0.5, 32), (1.0, 32), (1.0, 48), (0.5, 32)):
+        expected = ksample(launched_one_by_one(with_lora(model, lora, strength)), size=size, steps=4)
+        assert torch.equal(ksample(with_lora(replaying, lora, strength), size=size, steps=4), expected)
+    assert cuda_graph_reports(caplog_info)[-1].startswith("2 of 4 model calls replayed"), \
+        "LoRA weights merged anew for the last run: new addresses, a new capture"
+
+
+@needs_cuda
+def test_first_block_cache_runs_without_graphs_and_says_why(caplog_info):
+    model = gpu_like_flux(dtype=torch.bfloat16)
+    expected = ksample(with_cache(launched_one_by_one(model), 0.8), steps=8)
+    assert torch.equal(ksample(with_cache(compiled(model), 0.8), steps=8), expected)
+    assert cuda_graph_reports(caplog_info)[-1].startswith("CUDA graphs not used: block patches")
+
+
+@needs_cuda
+def test_graphs_stay_while_the_model_stays_loaded_and_go_when_it_is_unloaded():
+    replaying = compiled(gpu_like_flux(dtype=torch.bfloat16))
+    ksample(replaying, steps=3)
+    graphs = replaying.model_options[CUDA_GRAPHS_KEY].calls.graphs
+    assert len(graphs) == 1
+    ksample(replaying, steps=3, seed=1)
+    assert len(graphs) == 1, "a second run on the loaded model replays the same graph"
+    comfy.model_management.unload_all_models()
+    assert not graphs

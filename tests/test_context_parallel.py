@@ -172,7 +172,7 @@ def test_lora_fp8_compile_attention_and_first_block_cache_carry_over_to_the_work
     assert cache_summaries(caplog_info)[-1] == expected_steps
     ksample(parallel, steps=6, seed=1)
     compile_reports = [record.getMessage() for record in caplog_info.records if record.getMessage().startswith("Compile FLUX")]
-    assert compile_reports[-1] == "Compile FLUX: no graph compiled this run (all shapes seen before)", \
+    assert compile_reports[-1].startswith("Compile FLUX: no graph compiled this run (all shapes seen before)"), \
         "the sharded forward must not recompile from one run (or step) to the next"
 
 

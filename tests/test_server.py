@@ -79,7 +79,7 @@ def test_compile_shows_progress_while_compiling_and_none_when_warm(comfy_server)
         **workflow["sampler"]["inputs"], "seed": 11}}})
     assert compile_progress(cold["sampler"]), "a new size compiles, and says so while it does"
     assert compile_progress(warm["sampler"]) == []
-    assert warm["sampler"][-1] == "Compile FLUX: no graph compiled this run (all shapes seen before)"
+    assert warm["sampler"][-1].startswith("Compile FLUX: no graph compiled this run (all shapes seen before)")
 
 
 def test_compile_alone_serves_a_second_and_third_size(comfy_server):
