@@ -164,18 +164,22 @@ class CapturedCalls:
         with host_syncs_watched() as syncs:
             result = function(*args, **kwargs)
         self.counts.eager += 1
+        if syncs:
+            self.refuse(signature, f"it waits for the GPU on the host: {syncs[0]}")
+            return result
         try:
-            if syncs:
-                raise RuntimeError(f"it waits for the GPU on the host: {syncs[0]}")
             self.graphs[signature] = self.capture(function, args, kwargs)
-            self.counts.captured += 1
-        except Exception as error:  # a host sync, or another operation a capture cannot hold
-            remember(self.uncapturable, signature)
-            logging.warning("%s: this call cannot be captured in a CUDA graph (%s); it runs without one.",
-                            self.name, error)
+        except Exception as error:  # an operation a capture cannot hold
+            self.refuse(signature, error)
+            return result
+        self.counts.captured += 1
         while len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
         return result
+
+    def refuse(self, signature, reason):
+        remember(self.uncapturable, signature)
+        logging.warning("%s: this call cannot be captured in a CUDA graph (%s); it runs without one.", self.name, reason)
 
     def capture(self, function, args, kwargs):
         static_args, static_kwargs = pytree.tree_map(

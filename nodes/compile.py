@@ -178,6 +178,8 @@ def forward_options(transformer_options):
 
 def replay_blocker(diffusion_model, x, transformer_options):
     """Why a call's host code may decide differently from call to call, or None."""
+    if not isinstance(transformer_options, dict):
+        return "this ComfyUI calls FLUX's forward in a form the node does not know"
     if x.device.type != "cuda":
         return f"the model runs on {x.device.type}, not on a CUDA GPU"
     if any(transformer_options.get("patches", {}).values()) or any(transformer_options.get("patches_replace", {}).values()):
@@ -242,8 +244,8 @@ class CompileFlux(io.ComfyNode):
                     tooltip=("Replays each model call from a CUDA graph (captured at the second call of each size), "
                              "so the GPU never waits for the CPU to issue its work: faster on a busy machine. "
                              "Not used, and said so on the sampler node, where something decides on the CPU at every "
-                             "step (First Block Cache, Context Parallel, block patches, a partial load). Costs "
-                             "the VRAM of one model call's activations per size while the model stays loaded.")),
+                             "step (First Block Cache, Context Parallel, block patches, a partial load). Keeps about "
+                             "one model call's activations in VRAM while the model stays loaded.")),
             ],
             outputs=[io.Model.Output(tooltip="The same model; its blocks run compiled while sampling.")],
         )

@@ -49,16 +49,16 @@ def test_weights_signature_looks_inside_fp8_weights():
     per_row = weights_signature(layer)
     assert weights_signature(layer) == per_row
     inner_scale = layer.weight._params.scale
-    assert any(inner_scale.data_ptr() in identity for identity in _flat(per_row)), "the scale's address is part"
+    assert any(inner_scale.data_ptr() in identity for identity in nested_tuples(per_row)), "the scale's address is part"
     layer.weight = torch.nn.Parameter(quantize_weight(weight, torch.float32, "tensor"), requires_grad=False)
     assert weights_signature(layer) != per_row
 
 
-def _flat(items):
+def nested_tuples(items):
     for item in items:
         if isinstance(item, tuple):
             yield item
-            yield from _flat(item)
+            yield from nested_tuples(item)
 
 
 class SmallNet(torch.nn.Module):
