@@ -39,7 +39,7 @@ from ..kernels.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, CountingI
                                         shared_inductor_backend, use_persistent_compile_cache)
 from ..kernels.rope import interleaved_rope
 from . import CATEGORY, flux_layout
-from .patcher_hooks import keep_conds_on_device, non_dynamic_clone, set_wrapper
+from .patcher_hooks import keep_conds_on_device, non_dynamic_clone, set_callback, set_wrapper
 from .reporting import report_run, report_to_sampler_node
 
 NODE_NAME = "Compile FLUX"
@@ -201,16 +201,14 @@ def streamed_or_patched_per_call(module, device):
 
 def use_cuda_graphs(model_patcher, enabled):
     """Adds, or with `enabled` false removes, the CUDA-graph replay of the model's forward."""
-    model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CUDA_GRAPHS_KEY)
-    model_patcher.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, CUDA_GRAPHS_KEY)
-    model_patcher.model_options.pop(CUDA_GRAPHS_KEY, None)
     if not enabled:
+        model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CUDA_GRAPHS_KEY)
+        model_patcher.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, CUDA_GRAPHS_KEY)
+        model_patcher.model_options.pop(CUDA_GRAPHS_KEY, None)
         return
     forward_graphs = ReplayedForward()
-    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CUDA_GRAPHS_KEY,
-                                       forward_graphs)
-    model_patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, CUDA_GRAPHS_KEY,
-                                        forward_graphs.release)
+    set_wrapper(model_patcher, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CUDA_GRAPHS_KEY, forward_graphs)
+    set_callback(model_patcher, comfy.patcher_extension.CallbacksMP.ON_DETACH, CUDA_GRAPHS_KEY, forward_graphs.release)
     model_patcher.model_options[CUDA_GRAPHS_KEY] = forward_graphs
 
 

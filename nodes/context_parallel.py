@@ -30,7 +30,7 @@ from .context_parallel_pool import (PoolLayout, RankPool, active_pool, environme
                                     rendezvous_port, shutdown_pool)
 from .context_parallel_ranks import (CALL_OPTION_KEYS, CacheDecisions, CacheStep, ForwardRequest, ReplicaSpec,
                                      cache_decisions, forward_on_rank, splits_this_batch, unsupported_inputs)
-from .patcher_hooks import non_dynamic_clone, set_wrapper
+from .patcher_hooks import non_dynamic_clone, set_callback, set_wrapper
 from .reporting import report_run
 
 NODE_NAME = "Context Parallel (multi-GPU)"
@@ -289,8 +289,7 @@ class ContextParallel(io.ComfyNode):
         patched.model_options[LAYOUT_KEY] = layout
         set_wrapper(patched, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sample_across_ranks)
         set_wrapper(patched, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, forward_across_ranks)
-        patched.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY)
-        patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY, release_replica)
+        set_callback(patched, comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY, release_replica)
         return io.NodeOutput(patched)
 
 

@@ -29,7 +29,7 @@ from comfy_api.latest import ComfyExtension, io
 from ..kernels import fp8
 from . import CATEGORY, flux_layout
 from .fp8_layout import is_fp8_weight, quantize_weight
-from .patcher_hooks import keep_conds_on_device, non_dynamic_clone
+from .patcher_hooks import keep_conds_on_device, non_dynamic_clone, set_callback
 from .reporting import report_run
 
 NODE_NAME = "FP8 Dynamic Quantize"
@@ -197,8 +197,7 @@ class FP8DynamicQuantize(io.ComfyNode):
             patched.add_object_patch(f"{layer_path}.set_weight", QuantizingSetWeight(
                 layer_path, comfy.utils.get_attr(patched.model, layer_path), scaling))
         patched.add_patches({f"diffusion_model.{path}.weight": marker for path in targets})
-        patched.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_CLONE, CALLBACK_KEY)
-        patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLONE, CALLBACK_KEY, retarget_hooks_on_clone)
+        set_callback(patched, comfy.patcher_extension.CallbacksMP.ON_CLONE, CALLBACK_KEY, retarget_hooks_on_clone)
         patched.size = fp8_model_size(patched, diffusion_model, targets)
         keep_conds_on_device(patched)
         report_run(execution_summary(patched, targets, kept, scaling))

@@ -15,6 +15,12 @@ def set_wrapper(model_patcher, wrapper_type, key, wrapper):
     model_patcher.add_wrapper_with_key(wrapper_type, key, wrapper)
 
 
+def set_callback(model_patcher, call_type, key, callback):
+    """Adds `callback` under `key`, replacing one an earlier application of the same node left there."""
+    model_patcher.remove_callbacks_with_key(call_type, key)
+    model_patcher.add_callback_with_key(call_type, key, callback)
+
+
 def non_dynamic_clone(model, node_name):
     """A clone loaded by ComfyUI's regular loader, which puts whole weights in place at load.
 

@@ -21,6 +21,8 @@ if not os.path.isfile(os.path.join(COMFYUI_DIR, "main.py")):
 flux_fixtures.use_comfyui(COMFYUI_DIR)
 flux_fixtures.import_pack(PACK_DIR)
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
 
 @pytest.fixture(autouse=True)
 def deterministic_torch():

@@ -14,7 +14,7 @@ import comfy.patcher_extension
 import comfy.quant_ops
 
 import folder_paths
-from conftest import COMFYUI_DIR, PACK_DIR
+from conftest import COMFYUI_DIR, PACK_DIR, needs_cuda
 from fluxaccel.kernels import qk_norm_rope_fusion
 from fluxaccel.kernels.regional_compile import use_persistent_compile_cache
 from fluxaccel.nodes.compile import BACKEND_KEY, CUDA_GRAPHS_KEY, CompileFlux, compile_cache_folder
@@ -26,7 +26,6 @@ from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksam
 
 # fp32 on the CPU: inductor's fused kernels reorder sums, nothing more.
 FP32_ROUNDING = 1e-5
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
 def compiled(model, dynamic_shapes="automatic"):

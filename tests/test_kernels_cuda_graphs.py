@@ -4,10 +4,9 @@ import logging
 import pytest
 import torch
 
+from conftest import needs_cuda
 from fluxaccel.kernels.cuda_graphs import CapturedCalls, call_signature, reset_cuda_random_state, weights_signature
 from fluxaccel.nodes.fp8_layout import quantize_weight
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
 def test_signature_follows_shapes_and_values_not_tensor_contents():
