@@ -125,11 +125,13 @@ def _(prefix, pre_activation):
 
 
 @torch.library.custom_op("fluxaccel::quantize_modulated_layer_norm", mutates_args=())
-def quantize_modulated_layer_norm(x: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor,
-                                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_modulated_layer_norm(x: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor, eps: float,
+                                  one_plus_mult: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows(addcmul(shift, layer_norm(x, eps=eps), mult).reshape(-1, features))` for x [batch, tokens,
     features], mult and shift [batch or 1, 1, features], the layer norm without affine weights: FLUX's block inputs
-    (`kernels.fp8_graph_fusion` hands them over), in one Triton kernel that reads each row once."""
+    (`kernels.fp8_graph_fusion` hands them over), in one Triton kernel that reads each row once. With
+    `one_plus_mult`, the rows are modulated by 1 + mult computed in x's dtype, as FLUX's blocks compute it: the
+    kernel adds the 1 instead of a kernel of its own writing the sum out."""
     import triton
 
     from . import fp8_triton
@@ -143,12 +145,12 @@ def quantize_modulated_layer_norm(x: torch.Tensor, mult: torch.Tensor, shift: to
         fp8_triton.quantize_modulated_layer_norm_row[(qdata.shape[0],)](
             x, mult, shift, qdata, scale, features, tokens, mult.stride(0), shift.stride(0), eps, FP8_MAX=FP8_MAX,
             INVERSE_FP8_MAX=INVERSE_FP8_MAX, SCALE_FLOOR=SCALE_FLOOR, BLOCK=triton.next_power_of_2(features),
-            num_warps=MODULATED_LAYER_NORM_WARPS)
+            ONE_PLUS_MULT=one_plus_mult, num_warps=MODULATED_LAYER_NORM_WARPS)
     return qdata, scale
 
 
 @quantize_modulated_layer_norm.register_fake
-def _(x, mult, shift, eps):
+def _(x, mult, shift, eps, one_plus_mult=False):
     rows = x.shape[0] * x.shape[1]
     return x.new_empty((rows, x.shape[2]), dtype=FP8_DTYPE), x.new_empty((rows, 1), dtype=torch.float32)
 

@@ -119,11 +119,12 @@ def one_row_matmul(x_ptr, weight_ptr, scale_ptr, bias_ptr, out_ptr, out_features
 @triton.jit
 def quantize_modulated_layer_norm_row(x_ptr, mult_ptr, shift_ptr, qdata_ptr, scale_ptr, features, tokens,
                                       mult_batch_stride, shift_batch_stride, eps, FP8_MAX: tl.constexpr,
-                                      INVERSE_FP8_MAX: tl.constexpr, SCALE_FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+                                      INVERSE_FP8_MAX: tl.constexpr, SCALE_FLOOR: tl.constexpr, BLOCK: tl.constexpr,
+                                      ONE_PLUS_MULT: tl.constexpr):
     """One program per row, the row held in registers: the layer norm (no affine weights) rounded to the input's
-    dtype, then shift + normalized * mult (the row's batch entry of each) rounded again, as the model computes
-    them; then the FP8 row, multiplied by the scale's reciprocal (a division cost twice the kernel's time on an
-    H200), and its scale."""
+    dtype, then shift + normalized * mult (the row's batch entry of each; with ONE_PLUS_MULT, 1 + mult rounded to
+    the input's dtype) rounded again, as the model computes them; then the FP8 row, multiplied by the scale's
+    reciprocal (a division cost twice the kernel's time on an H200), and its scale."""
     row = tl.program_id(0).to(tl.int64)
     batch = row // tokens
     columns = tl.arange(0, BLOCK)
@@ -133,7 +134,10 @@ def quantize_modulated_layer_norm_row(x_ptr, mult_ptr, shift_ptr, qdata_ptr, sca
     centered = tl.where(inside, x.to(tl.float32) - mean, 0.0)
     inverse_std = tl.math.rsqrt(tl.sum(centered * centered, axis=0) / features + eps)
     normalized = (centered * inverse_std).to(x.dtype).to(tl.float32)
-    mult = tl.load(mult_ptr + batch * mult_batch_stride + columns, mask=inside, other=0.0).to(tl.float32)
+    mult = tl.load(mult_ptr + batch * mult_batch_stride + columns, mask=inside, other=0.0)
+    if ONE_PLUS_MULT:
+        mult = (1.0 + mult.to(tl.float32)).to(x.dtype)
+    mult = mult.to(tl.float32)
     shift = tl.load(shift_ptr + batch * shift_batch_stride + columns, mask=inside, other=0.0).to(tl.float32)
     modulated = (shift + normalized * mult).to(x.dtype).to(tl.float32)
     amax = tl.max(tl.abs(modulated), axis=0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import comfy.ldm.modules.attention
+from conftest import cpu_machine_only
 from flux_fixtures import tiny_flux_patcher
 from fluxaccel.kernels.attention import BACKEND_ORDERS, auto_backend
 from fluxaccel.nodes.attention import OVERRIDE_KEY, AttentionOnBackend, FluxAttentionBackend, attention_backend
@@ -75,6 +76,7 @@ def test_compiled_with_no_graph_break_and_no_recompile_between_runs(caplog_info)
     assert reports[-1].startswith("Compile FLUX: no graph compiled this run (all shapes seen before)")
 
 
+@cpu_machine_only
 def test_auto_keeps_comfyuis_order_where_cudnn_was_not_measured_faster():
     assert auto_backend("cpu") == "flash"
     assert attention_backend(with_backend(tiny_flux_patcher()).model_options) == "flash"

@@ -14,7 +14,7 @@ import comfy.patcher_extension
 import comfy.quant_ops
 
 import folder_paths
-from conftest import COMFYUI_DIR, PACK_DIR, needs_cuda
+from conftest import COMFYUI_DIR, PACK_DIR, cpu_machine_only, needs_cuda
 from fluxaccel.kernels import qk_norm_rope_fusion
 from fluxaccel.kernels.regional_compile import use_persistent_compile_cache
 from fluxaccel.nodes.compile import BACKEND_KEY, CUDA_GRAPHS_KEY, CompileFlux, compile_cache_folder
@@ -130,6 +130,7 @@ def test_composes_with_first_block_cache_in_either_order(cache_first, caplog_inf
     assert cache_summaries(caplog_info)[-1] == eager_reuse and eager_reuse[2] > 0, "same steps reused as eager"
 
 
+@cpu_machine_only
 def test_works_with_comfyuis_cpu_attention_despite_graph_breaks(caplog_info):
     model = tiny_flux_patcher()
     assert relative_error(ksample(compiled(model), steps=2), ksample(model, steps=2)) < FP32_ROUNDING

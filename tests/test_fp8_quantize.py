@@ -9,6 +9,7 @@ import torch
 import comfy.lora
 import comfy.model_management
 import comfy.utils
+from conftest import cpu_machine_only
 from flux_fixtures import tiny_flux_patcher
 from fluxaccel.kernels import fp8
 from fluxaccel.nodes import flux_layout
@@ -241,6 +242,7 @@ def test_compiles_with_compile_flux():
                           eager) < 1e-5
 
 
+@cpu_machine_only
 def test_reports_weight_only_fp8_without_fp8_tensor_cores(caplog_info):
     quantized(tiny_flux_patcher())
     message = caplog_info.records[-1].getMessage()
