@@ -65,20 +65,31 @@ def lora_with_an_excluded_layer(model):
 
 
 def expected_fp8_weights(float_weights, targets):
-    """What the node must load: the targets quantized from the given float weights, the rest as they are."""
+    """What the node must load: the targets quantized from the given float weights as ComfyUI hands a patched
+    weight over (a copy in its patch-merge dtype, cast back to the weight's), the rest as they are."""
+    merge_dtype = comfy.model_management.lora_compute_dtype(comfy.model_management.get_torch_device())
     expected = {}
     for name, entry in float_weights.items():
         weight = entry[1]
         if name in targets:
-            qdata, scale = fp8.quantize_rows(weight)
+            qdata, scale = fp8.quantize_rows(weight.to(merge_dtype).to(weight.dtype))
             expected[name] = ("fp8", qdata.view(torch.uint8), scale, weight.dtype)
         else:
             expected[name] = entry
     return expected
 
 
+@pytest.fixture(params=["this machine's", "float16"])
+def lora_compute_dtype(request, monkeypatch):
+    """The dtype ComfyUI merges weight patches in, and so hands the node every target weight in (the node's
+    marker is a patch): its own choice for this machine (float32 on a CPU), and float16, its choice on GPUs of
+    compute capability 8 and up, where a bf16 weight's values below float16's range lose precision."""
+    if request.param == "float16":
+        monkeypatch.setattr(comfy.model_management, "lora_compute_dtype", lambda device: torch.float16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loads_fp8_targets_keeps_sensitive_layers_and_restores_everything(dtype):
+def test_loads_fp8_targets_keeps_sensitive_layers_and_restores_everything(dtype, lora_compute_dtype):
     model = tiny_flux_patcher(dtype=dtype)
     before_sampling = ksample(model)
     original = {name: weight_bytes(layer.weight) for name, layer in linear_layers(model).items()}
@@ -100,7 +111,7 @@ def test_loads_fp8_targets_keeps_sensitive_layers_and_restores_everything(dtype)
     assert torch.equal(ksample(model), before_sampling)
 
 
-def test_lora_before_or_after_gives_the_quantized_merged_model():
+def test_lora_before_or_after_gives_the_quantized_merged_model(lora_compute_dtype):
     model = tiny_flux_patcher(dtype=torch.bfloat16)
     lora = lora_with_an_excluded_layer(model)
     lora_first = quantized(with_lora(model, lora, 0.8))
