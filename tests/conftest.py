@@ -23,7 +23,7 @@ flux_fixtures.import_pack(PACK_DIR)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 # Tests of what ComfyUI does on a machine without a GPU (CI's): where it has one, the model samples there.
-cpu_machine_only = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the behaviour on a machine without a GPU")
+cpu_machine_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the behaviour on a machine without a GPU")
 
 
 @pytest.fixture(autouse=True)
