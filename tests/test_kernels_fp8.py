@@ -369,9 +369,14 @@ def block_input_tensors(batch=2, tokens=6, features=3072, shared_modulation=Fals
     return x.to(torch.bfloat16).to(KERNEL_DEVICE), modulation.to(torch.bfloat16).to(KERNEL_DEVICE)
 
 
+def shift_and_scale(modulation):
+    """A block input's modulation [.., 2 * features] split as ComfyUI's FLUX blocks split it."""
+    return modulation.chunk(2, -1)
+
+
 def layer_norm_modulation(modulation):
     """(mult, shift) as ComfyUI's FLUX blocks modulate: 1 + scale and shift."""
-    shift, scale = modulation.chunk(2, -1)
+    shift, scale = shift_and_scale(modulation)
     return 1 + scale, shift
 
 
@@ -409,7 +414,7 @@ def test_layer_norm_kernel_adds_one_to_the_scale_as_the_model_does():
     """1 + scale computed in the kernel gives the same bytes as 1 + scale computed by torch in bf16 (on a GPU;
     Triton's interpreter rounds the kernel's sum toward zero, where torch rounds to nearest)."""
     x, modulation = block_input_tensors()
-    shift, scale = modulation.chunk(2, -1)
+    shift, scale = shift_and_scale(modulation)
     summed = fp8.quantize_modulated_layer_norm(x, 1 + scale, shift, 1e-6)
     folded = fp8.quantize_modulated_layer_norm(x, scale, shift, 1e-6, one_plus_mult=True)
     differing = (folded[0].view(torch.uint8) != summed[0].view(torch.uint8)).float().mean().item()
@@ -424,7 +429,7 @@ def test_layer_norm_kernel_adds_one_to_the_scale_as_the_model_does():
 @pytest.mark.parametrize("one_plus_mult", [False, True])
 def test_layer_norm_kernel_is_a_custom_op_the_compiler_can_trace(one_plus_mult):
     x, modulation = block_input_tensors(features=320)
-    shift, scale = modulation.chunk(2, -1)
+    shift, scale = shift_and_scale(modulation)
     torch.library.opcheck(torch.ops.fluxaccel.quantize_modulated_layer_norm.default,
                           (x, scale if one_plus_mult else 1 + scale, shift, 1e-6, one_plus_mult),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -456,7 +461,7 @@ def test_layer_norm_kernel_takes_over_the_block_inputs_in_compiled_graphs(functi
     (qdata, scale), calls = fluxaccel_calls_run_by(function, x, modulation)
     assert [op for op, _ in calls] == ["quantize_modulated_layer_norm"]
     assert calls[0][1].endswith("True"), "the kernel adds 1 + scale's 1, no kernel writes the sum out"
-    shift, scale_term = modulation.chunk(2, -1)
+    shift, scale_term = shift_and_scale(modulation)
     expected = fp8.quantize_modulated_layer_norm(x, scale_term, shift, 1e-6, one_plus_mult=True)
     assert torch.equal(qdata.view(torch.uint8), expected[0].view(torch.uint8)) and torch.equal(scale, expected[1])
 
