@@ -99,14 +99,16 @@ class TokenShard:
 
     def key_padding_mask(self, dtype, device) -> torch.Tensor:
         """Additive mask over the gathered sequence (all ranks' [text, image] in rank order):
-        0 for real tokens, -inf for padding, shaped to broadcast over batch, heads and queries."""
-        valid = []
+        0 for real tokens, -inf for padding, shaped to broadcast over batch, heads and queries.
+        Filled on the device (no copy from the host, which a CUDA graph could not hold)."""
+        mask = torch.zeros(len(self.row_shares) * (self.padded_text_tokens + self.padded_image_tokens),
+                           dtype=dtype, device=device)
+        position = 0
         for (_, text_count), (_, row_count) in zip(self.text_shares, self.row_shares):
             image_count = row_count * self.row_tokens
-            valid += [True] * text_count + [False] * (self.padded_text_tokens - text_count)
-            valid += [True] * image_count + [False] * (self.padded_image_tokens - image_count)
-        valid = torch.tensor(valid, device=device)
-        mask = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill(~valid, float("-inf"))
+            for count, padded in ((text_count, self.padded_text_tokens), (image_count, self.padded_image_tokens)):
+                mask[position + count:position + padded].fill_(float("-inf"))
+                position += padded
         return mask.view(1, 1, 1, -1)
 
 
@@ -237,6 +239,16 @@ def gather_rows(local_rows: torch.Tensor, shard: TokenShard, patch_size: int, gr
     gathered = [torch.empty_like(padded) for _ in shard.row_shares]
     dist.all_gather(gathered, padded, group=group)
     return torch.cat([rows[:, :, :count * patch_size] for rows, (_, count) in zip(gathered, shard.row_shares)], dim=2)
+
+
+def all_ranks_agree(group, device) -> Callable[[bool], bool]:
+    """A function that is True when every rank of `group` passes True (ranks capture CUDA graphs
+    together or not at all). It waits for the GPU: call it between calls, not inside one."""
+    def agree(ok: bool) -> bool:
+        flag = torch.tensor([int(ok)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        return bool(flag.item())
+    return agree
 
 
 def sum_across_ranks(group=None) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -5,6 +5,8 @@ moved little since the last fully computed evaluation, the remaining blocks are 
 cached residual is added instead. Rows of a batch belong to different conditionings (cond/uncond
 batched together, or evaluated in separate calls), so residuals are stored per conditioning key;
 the reuse decision is taken once per sampling step and shared by every call of that step.
+A forward replayed from CUDA graphs measures the distance inside its first graph and hands the sums
+to `should_reuse`; the residuals it stores are its own tensors, which the graphs write in place.
 """
 from dataclasses import dataclass
 from typing import Callable, Hashable, Optional, Sequence
@@ -19,6 +21,13 @@ def absolute_difference_sums(current: torch.Tensor, previous: torch.Tensor) -> t
     current = current.float()
     previous = previous.float()
     return torch.stack(((current - previous).abs().sum(), previous.abs().sum()))
+
+
+def distance_sums(current: torch.Tensor, previous: torch.Tensor,
+                  reduce_sums: Optional[ReduceSums] = None) -> torch.Tensor:
+    """`absolute_difference_sums`, summed across ranks by `reduce_sums` when each holds a share of the tokens."""
+    sums = absolute_difference_sums(current, previous)
+    return sums if reduce_sums is None else reduce_sums(sums)
 
 
 def relative_l1_distance(sums: torch.Tensor) -> float:
@@ -37,6 +46,11 @@ class CacheStats:
     def summary(self) -> str:
         total = self.computed_steps + self.reused_steps
         return f"computed {self.computed_steps}/{total} steps, reused {self.reused_steps}/{total}"
+
+
+def same_memory(first: torch.Tensor, second: torch.Tensor) -> bool:
+    return (first.data_ptr() == second.data_ptr() and first.shape == second.shape
+            and first.stride() == second.stride() and first.dtype == second.dtype)
 
 
 class RowStore:
@@ -58,6 +72,14 @@ class RowStore:
 
     def get(self, keys: Sequence[Hashable]) -> torch.Tensor:
         return torch.cat([self._rows[key] for key in keys])
+
+    def copy_into(self, keys: Sequence[Hashable], batch: torch.Tensor) -> None:
+        """Writes the rows held for keys[i] into chunk i of `batch`, where they have its shape and are
+        not those very rows already (stored as views of `batch`)."""
+        for key, rows in zip(keys, batch.chunk(len(keys))):
+            held = self._rows.get(key)
+            if held is not None and held.shape == rows.shape and not same_memory(held, rows):
+                rows.copy_(held)
 
     def clear(self) -> None:
         self._rows.clear()
@@ -97,16 +119,18 @@ class FirstBlockCache:
         self._consecutive_hits = 0
 
     def should_reuse(self, keys: Sequence[Hashable], first_residual: torch.Tensor,
-                     reduce_sums: Optional[ReduceSums] = None) -> bool:
+                     reduce_sums: Optional[ReduceSums] = None, measured_sums: Optional[torch.Tensor] = None) -> bool:
         """Decides, for this call, whether the remaining blocks are skipped.
 
         The first call of a step decides for the whole step; later calls (uncond after cond, when
         ComfyUI evaluates them separately) follow it when their own residuals are cached.
         `reduce_sums` sums the distance's parts across ranks when each holds a share of the tokens
         (context parallel), so every rank measures the whole residual and decides alike.
+        `measured_sums`: those sums already measured on the device against the stored first
+        residuals (a replayed CUDA graph did), read only when the decision needs them.
         """
         if self._step_decision is None:
-            self._step_decision = self._decide(keys, first_residual, reduce_sums)
+            self._step_decision = self._decide(keys, first_residual, reduce_sums, measured_sums)
             if self._step_decision:
                 self.stats.reused_steps += 1
                 self._consecutive_hits += 1
@@ -116,17 +140,16 @@ class FirstBlockCache:
         return self._step_decision and self._remaining_residuals.has(keys)
 
     def _decide(self, keys: Sequence[Hashable], first_residual: torch.Tensor,
-                reduce_sums: Optional[ReduceSums]) -> bool:
+                reduce_sums: Optional[ReduceSums], measured_sums: Optional[torch.Tensor]) -> bool:
         if not self.reuse_allowed or self.residual_diff_threshold <= 0.0:
             return False
         if 0 < self.max_consecutive_hits <= self._consecutive_hits:
             return False
         if not (self._first_residuals.has(keys, first_residual) and self._remaining_residuals.has(keys)):
             return False
-        sums = absolute_difference_sums(first_residual, self._first_residuals.get(keys))
-        if reduce_sums is not None:
-            sums = reduce_sums(sums)
-        distance = relative_l1_distance(sums)
+        if measured_sums is None:
+            measured_sums = distance_sums(first_residual, self._first_residuals.get(keys), reduce_sums)
+        distance = relative_l1_distance(measured_sums)
         self.distances.append(distance)
         return distance < self.residual_diff_threshold
 
@@ -138,3 +161,11 @@ class FirstBlockCache:
 
     def remaining_residual(self, keys: Sequence[Hashable]) -> torch.Tensor:
         return self._remaining_residuals.get(keys)
+
+    def copy_stored_into(self, keys: Sequence[Hashable], first_residuals: torch.Tensor,
+                         remaining_residuals: torch.Tensor) -> None:
+        """Writes the keys' stored residuals into these tensors (a captured forward's own, which its
+        graphs read), where they are not there already: residuals an earlier call stored elsewhere
+        (a launched call, or a forward of another shape of batch) are handed over."""
+        self._first_residuals.copy_into(keys, first_residuals)
+        self._remaining_residuals.copy_into(keys, remaining_residuals)

@@ -16,11 +16,14 @@ Hook-up, through ComfyUI's own extension points:
 - the clone leaves ComfyUI's DynamicVRAM (the default on NVIDIA GPUs), which streams each layer's
   weights inside the block calls: that cuts every compiled block at each linear layer, and Dynamo's
   size-generic recompile at a second resolution failed on it (a shape error in the streamed linear).
-- with `cuda_graphs` on, a DIFFUSION_MODEL wrapper replays each model call from a CUDA graph
+- with `cuda_graphs` on, a DIFFUSION_MODEL wrapper replays each model call from CUDA graphs
   (`kernels.cuda_graphs`), captured at the second call of each input shape and weight set. Host code
-  in the forward runs only at capture, so calls whose host code decides per step are never replayed:
-  block patches (First Block Cache, other packs'), another diffusion-model wrapper (Context Parallel),
-  layers streamed or patched per call (a partial load). Graphs are dropped when the model is unloaded.
+  in the forward runs only at capture, so it must decide nothing per call, or decide where it splits
+  the capture: First Block Cache's blocks do (one graph up to the first block's distance, one of the
+  two alternatives after it, one for the rest). Context Parallel replays each rank's share itself.
+  Calls run launched, with the reason in the run's report, where other host code decides per call:
+  other packs' block patches, another diffusion-model wrapper, layers streamed or patched per call
+  (a partial load). Graphs are dropped when the model is unloaded.
 The compiled graphs persist in ComfyUI's user folder, so a restarted ComfyUI compiles in seconds.
 """
 import functools
@@ -34,7 +37,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-from ..kernels.cuda_graphs import CallCounts, CapturedCalls, call_signature, weights_signature
+from ..kernels.cuda_graphs import CallCounts, CudaGraphRecorder, ReplayedCalls, call_signature, weights_signature
 from ..kernels.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, CountingInductorBackend, graph_break_count,
                                         shared_inductor_backend, use_persistent_compile_cache)
 from ..kernels.rope import interleaved_rope
@@ -105,7 +108,13 @@ def cuda_graphs_summary(counts: CallCounts, bypass_reason, changed):
     if counts.replayed == 0 and bypass_reason is not None:
         return f"CUDA graphs not used: {bypass_reason}"
     calls = counts.replayed + counts.eager
-    summary = f"{counts.replayed} of {calls} model calls replayed from CUDA graphs ({counts.captured} captured)"
+    summary = f"{counts.replayed} of {calls} model calls replayed from CUDA graphs"
+    if counts.deciders:
+        summary += (f" ({counts.segments_replayed} graph segments, split where {' and '.join(sorted(counts.deciders))} "
+                    f"decides; {counts.captured} call{'' if counts.captured == 1 else 's'} captured, "
+                    f"in {counts.segments_captured} segments)")
+    else:
+        summary += f" ({counts.captured} captured)"
     return summary + (f"; changed from call to call: {', '.join(sorted(changed))}" if changed else "")
 
 
@@ -123,24 +132,28 @@ def sample_with_compile_report(executor, *args, **kwargs):
         summary = compile_summary(backend.counter.graphs - graphs, graph_break_count() - breaks,
                                   backend.counter.seconds - seconds)
         if forward_graphs is not None:
-            summary += "; " + cuda_graphs_summary(forward_graphs.calls.counts, forward_graphs.bypass_reason,
+            summary += "; " + cuda_graphs_summary(forward_graphs.counts, forward_graphs.bypass_reason,
                                                   forward_graphs.changed)
         report_run(summary)
 
 
 class ReplayedForward:
     """DIFFUSION_MODEL wrapper: FLUX's forward replayed from CUDA graphs where its host code decides
-    nothing per call; otherwise run as is, with the reason kept for the run's report."""
+    nothing per call, or only where it splits the graphs; otherwise run as is, with the reason kept
+    for the run's report. The run's counts and reason are also where Context Parallel, which replays
+    each rank's share itself, reports what it did."""
 
-    def __init__(self):
-        self.calls = CapturedCalls(NODE_NAME)
+    def __init__(self, recorder=None):
+        self.recorder = recorder or CudaGraphRecorder()
+        self.graphs = ReplayedCalls(NODE_NAME, self.recorder)
+        self.counts = CallCounts()
         self.bypass_reason = None
         # What made calls differ this run (each difference means a capture), for the run's report.
         self.changed = set()
         self.previous_parts = None
 
     def start_run(self):
-        self.calls.counts = CallCounts()
+        self.counts = CallCounts()
         self.bypass_reason = None
         self.changed = set()
 
@@ -148,15 +161,32 @@ class ReplayedForward:
         # ComfyUI's FLUX calls its forward as (x, timestep, context, y, guidance, ref_latents, control,
         # transformer_options, **kwargs).
         *inputs, transformer_options = args
-        reason = replay_blocker(executor.class_obj, inputs[0], transformer_options)
+        if not isinstance(transformer_options, dict):
+            self.bypass_reason = "this ComfyUI calls FLUX's forward in a form the node does not know"
+            return executor(*args, **kwargs)
+        if replaying_wrapper_inside(transformer_options):
+            return executor(*args, **kwargs)
+        signature = self.signature(executor.class_obj, inputs, kwargs, transformer_options)
+        if signature is None:
+            return executor(*args, **kwargs)
+
+        def forward(graph_pass, *call_inputs, **call_kwargs):
+            return executor(*call_inputs, flux_layout.with_graph_pass(transformer_options, graph_pass), **call_kwargs)
+
+        return self.graphs(signature, forward, tuple(inputs), kwargs, transformer_options, self.counts)
+
+    def signature(self, diffusion_model, inputs, kwargs, transformer_options):
+        """The call's signature (see kernels.cuda_graphs.call_signature) from FLUX forward's arguments
+        before its transformer options; None where the call cannot be replayed, the reason kept for
+        the run's report."""
+        reason = replay_blocker(self.recorder, diffusion_model, inputs[0], transformer_options)
         options = None if reason else call_signature((), forward_options(transformer_options), ())
         if reason or options is None:
             self.bypass_reason = reason or "the model's transformer options hold values that cannot be compared"
-            return executor(*args, **kwargs)
-        parts = (call_signature(tuple(inputs), kwargs, ()), options, weights_signature(executor.class_obj))
+            return None
+        parts = (call_signature(tuple(inputs), kwargs, ()), options, weights_signature(diffusion_model))
         self.note_changes(parts)
-        return self.calls(lambda *call_inputs, **call_kwargs: executor(*call_inputs, transformer_options, **call_kwargs),
-                          tuple(inputs), kwargs, parts[1:])
+        return call_signature(tuple(inputs), kwargs, parts[1:])
 
     def note_changes(self, parts):
         if self.previous_parts is not None:
@@ -168,24 +198,44 @@ class ReplayedForward:
         """ON_DETACH callback: an unloaded model's graphs and their memory go. ComfyUI also detaches a
         loaded model, weights left in place (unpatch_all false), each time a run asks for it again."""
         if unpatch_all:
-            self.calls.release()
+            self.graphs.release()
 
 
 def forward_options(transformer_options):
-    """The transformer options FLUX's forward may read (attention override, RoPE options, wrappers)."""
-    return {key: value for key, value in transformer_options.items() if key not in PER_CALL_OPTIONS}
+    """The transformer options FLUX's forward may read (attention override, RoPE options, wrappers),
+    without the per-call ones; a value with a `graph_signature(transformer_options)` (First Block
+    Cache's run) is described by what that returns instead of by itself."""
+    described = {}
+    for key, value in transformer_options.items():
+        if key not in PER_CALL_OPTIONS:
+            describe = getattr(value, "graph_signature", None)
+            described[key] = value if describe is None else describe(transformer_options)
+    return described
 
 
-def replay_blocker(diffusion_model, x, transformer_options):
-    """Why a call's host code may decide differently from call to call, or None."""
-    if not isinstance(transformer_options, dict):
-        return "this ComfyUI calls FLUX's forward in a form the node does not know"
-    if x.device.type != "cuda":
-        return f"the model runs on {x.device.type}, not on a CUDA GPU"
-    if any(transformer_options.get("patches", {}).values()) or any(transformer_options.get("patches_replace", {}).values()):
-        return "block patches (First Block Cache, or another node's) decide on the host at every step"
+def replaying_wrapper_inside(transformer_options) -> bool:
+    """Whether another DIFFUSION_MODEL wrapper replays the forward from CUDA graphs itself (Context
+    Parallel, each rank's share): this wrapper then leaves the call to it."""
     wrappers = transformer_options.get("wrappers", {}).get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
-    if others := [key for key, functions in wrappers.items() if key != CUDA_GRAPHS_KEY and functions]:
+    return any(getattr(function, "replays_cuda_graphs", False)
+               for key, functions in wrappers.items() if key != CUDA_GRAPHS_KEY for function in functions)
+
+
+def replay_blocker(recorder, diffusion_model, x, transformer_options):
+    """Why a call's host code may decide differently from call to call outside the points where it
+    splits the graphs, or None."""
+    if not recorder.records_on(x.device):
+        return f"the model runs on {x.device.type}, not on a CUDA GPU"
+    if patches := [str(name) for name, entries in transformer_options.get("patches", {}).items() if entries]:
+        return f"another node's model patches ({', '.join(patches)}) decide on the host at every step"
+    replaced = [position for replacements in transformer_options.get("patches_replace", {}).values()
+                for position, replacement in replacements.items() if not getattr(replacement, "graph_replayable", False)]
+    if replaced:
+        return (f"another node's block replacements ({', '.join(map(str, replaced[:3]))}"
+                f"{', ...' if len(replaced) > 3 else ''}) decide on the host at every step")
+    wrappers = transformer_options.get("wrappers", {}).get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
+    if others := [key for key, functions in wrappers.items() if key != CUDA_GRAPHS_KEY
+                  and not all(getattr(function, "replays_cuda_graphs", False) for function in functions)]:
         return f"another node wraps the diffusion model ({', '.join(map(str, others))})"
     if any(streamed_or_patched_per_call(module, x.device) for module in diffusion_model.modules()):
         return "ComfyUI streams or patches some weights in every call (a partial load: not enough free VRAM)"
@@ -199,14 +249,15 @@ def streamed_or_patched_per_call(module, device):
             or any(parameter is not None and parameter.device != device for parameter in module._parameters.values()))
 
 
-def use_cuda_graphs(model_patcher, enabled):
-    """Adds, or with `enabled` false removes, the CUDA-graph replay of the model's forward."""
+def use_cuda_graphs(model_patcher, enabled, recorder=None):
+    """Adds, or with `enabled` false removes, the CUDA-graph replay of the model's forward; `recorder`
+    records and replays the graphs (CUDA's, unless a test hands in its CPU stand-in)."""
     if not enabled:
         model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CUDA_GRAPHS_KEY)
         model_patcher.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, CUDA_GRAPHS_KEY)
         model_patcher.model_options.pop(CUDA_GRAPHS_KEY, None)
         return
-    forward_graphs = ReplayedForward()
+    forward_graphs = ReplayedForward(recorder)
     set_wrapper(model_patcher, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CUDA_GRAPHS_KEY, forward_graphs)
     set_callback(model_patcher, comfy.patcher_extension.CallbacksMP.ON_DETACH, CUDA_GRAPHS_KEY, forward_graphs.release)
     model_patcher.model_options[CUDA_GRAPHS_KEY] = forward_graphs
@@ -241,9 +292,10 @@ class CompileFlux(io.ComfyNode):
                     "cuda_graphs", default=True, optional=True,
                     tooltip=("Replays each model call from a CUDA graph (captured at the second call of each size), "
                              "so the GPU never waits for the CPU to issue its work: faster on a busy machine. "
-                             "Not used, and said so on the sampler node, where something decides on the CPU at every "
-                             "step (First Block Cache, Context Parallel, block patches, a partial load). Keeps about "
-                             "one model call's activations in VRAM while the model stays loaded.")),
+                             "First Block Cache and Context Parallel split each call into graphs where they decide. "
+                             "Not used, and said so on the sampler node, where something else decides on the CPU at "
+                             "every step (other nodes' block patches, a partial load). Keeps about one model call's "
+                             "activations in VRAM while the model stays loaded.")),
             ],
             outputs=[io.Model.Output(tooltip="The same model; its blocks run compiled while sampling.")],
         )

@@ -8,6 +8,9 @@ Hook-up, through ComfyUI's extension points:
   sharding itself is in context_parallel_ranks, shared with the workers;
 - an ON_DETACH callback frees the workers' replica when ComfyUI unloads the model, and a finalizer
   when the model itself is freed.
+Under Compile FLUX's `cuda_graphs` each forward is replayed from CUDA graphs on every rank, as rank 0
+orders with the forward (see context_parallel_ranks): Compile FLUX's own replay leaves the call to
+this wrapper, which reports through it.
 """
 import itertools
 import os
@@ -23,13 +26,14 @@ import comfy.patcher_extension
 from comfy_api.latest import ComfyExtension, io
 
 from ..kernels.context_parallel import ParallelDegrees, degrees_problem
+from ..kernels.cuda_graphs import LAUNCH, CallCounts, GraphOrder
 from ..kernels.tensor_transport import to_slots
 from . import CATEGORY, compile as compile_node, first_block_cache, flux_layout
 from .attention import attention_backend
 from .context_parallel_pool import (PoolLayout, RankPool, active_pool, environment_rendezvous_problem, pool_for,
                                     rendezvous_port, shutdown_pool)
 from .context_parallel_ranks import (CALL_OPTION_KEYS, CacheDecisions, CacheStep, ForwardRequest, ReplicaSpec,
-                                     cache_decisions, forward_on_rank, splits_this_batch, unsupported_inputs)
+                                     cache_decisions, run_forward_order, splits_this_batch, unsupported_inputs)
 from .patcher_hooks import non_dynamic_clone, set_callback, set_wrapper
 from .reporting import report_run
 
@@ -67,6 +71,11 @@ class ContextParallelRun:
         if any(theirs != ours for theirs in self.pool.ask(CacheDecisions())):
             raise RuntimeError(f"{NODE_NAME}: First Block Cache decided differently on the ranks; please report this.")
         return text + f"; First Block Cache took the same {ours[0] + ours[1]} decisions on every rank"
+
+    @staticmethod
+    def graph_signature(transformer_options) -> tuple:
+        """A forward's CUDA graphs depend on the pool's layout, which its graphs live and die with, not on the run."""
+        return ()
 
 
 def replica_key(model_patcher, model_options) -> tuple:
@@ -154,10 +163,14 @@ def forward_across_ranks(executor, x, timestep, context, y=None, guidance=None, 
         key = replica_key(patcher, model_options)
         pool.ensure_replica(key, lambda: replica_spec(patcher, model_options))
         whole = {"x": x, "timestep": timestep, "context": context, "y": y, "guidance": guidance, "kwargs": kwargs}
+        forward_graphs = model_options.get(compile_node.CUDA_GRAPHS_KEY)
+        order, signature = graph_order(pool, forward_graphs, executor.class_obj,
+                                       [x, timestep, context, y, guidance, ref_latents, control], kwargs,
+                                       transformer_options)
         tensors = []
         inputs = to_slots(whole, tensors)
         call_options = {name: transformer_options[name] for name in CALL_OPTION_KEYS if name in transformer_options}
-        pool.send(ForwardRequest(inputs, call_options, cache_step(transformer_options, run.serial)))
+        pool.send(ForwardRequest(inputs, call_options, cache_step(transformer_options, run.serial), order))
         pool.send_tensors(tensors)
 
         def run_share(share, options):
@@ -166,7 +179,11 @@ def forward_across_ranks(executor, x, timestep, context, y=None, guidance=None, 
 
         run.forwards += 1
         run.batch_split_forwards += splits_this_batch(whole, transformer_options, pool.layout.degrees)
-        return forward_on_rank(run_share, executor.class_obj, whole, transformer_options, pool.groups)
+        counts = forward_graphs.counts if forward_graphs is not None else CallCounts()
+        result, failure = run_forward_order(order, pool.graphs.calls, run_share, executor.class_obj, whole,
+                                            transformer_options, pool.groups, pool.device, counts)
+        pool.graphs.planner.settle(signature, order, failure)
+        return result
     except comfy.model_management.InterruptProcessingException:
         # Cancel: ComfyUI stops rank 0 inside the forward (it checks at every layer), so the
         # workers wait in this forward's collectives: stop them; the next prompt starts new ones.
@@ -174,6 +191,26 @@ def forward_across_ranks(executor, x, timestep, context, y=None, guidance=None, 
         raise
     except Exception as error:
         raise pool.failure(error) from error
+
+
+# Compile FLUX's replay leaves the forward to this wrapper, which replays each rank's share itself.
+forward_across_ranks.replays_cuda_graphs = True
+
+
+def graph_order(pool, forward_graphs, diffusion_model, inputs, kwargs, transformer_options) -> tuple[GraphOrder, object]:
+    """(what every rank does with this forward's CUDA graphs, the signature rank 0 decided it from).
+    Launched without Compile FLUX's `cuda_graphs`, over gloo, or where its replay would refuse the
+    call (the reason goes to Compile FLUX's report)."""
+    if forward_graphs is None:
+        return GraphOrder(LAUNCH), None
+    if pool.layout.backend != "nccl":
+        forward_graphs.bypass_reason = (f"{NODE_NAME}'s ranks exchange tensors over gloo, which a CUDA graph cannot "
+                                        "hold: every rank launches its share")
+        return GraphOrder(LAUNCH), None
+    signature = forward_graphs.signature(diffusion_model, inputs, kwargs, transformer_options)
+    if signature is None:
+        return GraphOrder(LAUNCH), None
+    return pool.graphs.planner.order(signature), signature
 
 
 def release_replica(model_patcher, unpatch_all):

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.context_parallel import ParallelDegrees, RankGroups, make_rank_groups
+from ..kernels.cuda_graphs import CudaGraphRecorder, ReplayedCalls
 from ..kernels.tensor_transport import pack, send_tensors
 from .context_parallel_ranks import DropReplica, Stop
 
@@ -97,6 +98,11 @@ class RankPool:
         self.replica_key = None
         self.run_serial = 0
         self.stopping = False
+        self._forget_graphs()
+
+    def _forget_graphs(self):
+        """Rank 0's CUDA graphs of the replica's forwards (the workers' go with their replica)."""
+        self.graphs = ReplayedCalls("Context Parallel", CudaGraphRecorder())
 
     def start(self, comfy_args: dict):
         world_size = self.layout.degrees.world_size
@@ -219,6 +225,7 @@ class RankPool:
             return
         spec, tensors = make_spec()
         self.replica_key = None
+        self._forget_graphs()
         self.send(spec)
         self.send_tensors(tensors)
         self.replica_key = key
@@ -244,6 +251,7 @@ class RankPool:
         if self.replica_key is not None and self.alive():
             self.send(DropReplica())
         self.replica_key = None
+        self._forget_graphs()
 
     def failure(self, error: BaseException) -> WorkerFailed:
         """What went wrong across the ranks, after tearing the pool down so nothing waits on it."""

@@ -12,6 +12,9 @@ One forward on every rank (ComfyUI's process is rank 0, each extra GPU has a wor
 Workers build their replica from the weights rank 0 broadcasts (LoRA merged, FP8 as quantized),
 then mirror the pack's per-model behaviours: Compile FLUX compiles their blocks, First Block Cache
 installs its blocks and follows rank 0's steps, deciding on distances summed across ranks.
+Under Compile FLUX's CUDA graphs each rank captures and replays its whole part of a forward (the
+collectives and First Block Cache's distance sum inside the graphs) as rank 0 orders with each
+forward, so every rank replays the same graphs in the same order.
 """
 import gc
 import logging
@@ -26,9 +29,10 @@ import torch.distributed as dist
 import comfy.ldm.common_dit
 import comfy.utils
 
-from ..kernels.context_parallel import (ParallelDegrees, RankGroups, ShardedForward, batch_share, gather_batch,
-                                        gather_rows, make_rank_groups, pad_tokens, parallel_attention, shard_text,
-                                        splits_batch, token_shard)
+from ..kernels.context_parallel import (ParallelDegrees, RankGroups, ShardedForward, all_ranks_agree, batch_share,
+                                        gather_batch, gather_rows, make_rank_groups, pad_tokens, parallel_attention,
+                                        shard_text, splits_batch, token_shard)
+from ..kernels.cuda_graphs import CallCounts, CapturedCalls, CudaGraphRecorder, GraphOrder
 from ..kernels.first_block_cache import FirstBlockCache
 from ..kernels.regional_compile import shared_inductor_backend
 from ..kernels.tensor_transport import bucket_sizes, from_slots, receive_tensors, tensor_slots, unpack
@@ -91,6 +95,19 @@ def splits_this_batch(inputs: dict, options, degrees: ParallelDegrees) -> bool:
     return splits_batch(inputs["x"].shape[0], conditionings, degrees)
 
 
+def rank_options(inputs: dict, options, groups: RankGroups):
+    """The transformer options this rank's share of a forward sees: under CFG parallel, when the batch
+    splits, its batch group's conditionings only."""
+    if not splits_this_batch(inputs, options, groups.degrees):
+        return options
+    parts, index = groups.degrees.batch, groups.batch_index
+    options = options.copy()
+    for name in CALL_OPTION_KEYS:
+        if name in options and len(options[name]) > 1:
+            options[name] = options[name][index * len(options[name]) // parts:(index + 1) * len(options[name]) // parts]
+    return options
+
+
 def forward_on_rank(run, diffusion_model, inputs: dict, options, groups: RankGroups):
     """This rank's part of one FLUX forward; returns the whole prediction.
 
@@ -99,13 +116,21 @@ def forward_on_rank(run, diffusion_model, inputs: dict, options, groups: RankGro
     """
     if not splits_this_batch(inputs, options, groups.degrees):
         return forward_rows_on_rank(run, diffusion_model, inputs, options, groups)
-    batch_size, parts, index = inputs["x"].shape[0], groups.degrees.batch, groups.batch_index
-    options = options.copy()
-    for name in CALL_OPTION_KEYS:
-        if name in options and len(options[name]) > 1:
-            options[name] = options[name][index * len(options[name]) // parts:(index + 1) * len(options[name]) // parts]
-    share = forward_rows_on_rank(run, diffusion_model, batch_share(inputs, batch_size, parts, index), options, groups)
+    share = forward_rows_on_rank(run, diffusion_model, batch_share(inputs, inputs["x"].shape[0], groups.degrees.batch,
+                                                                  groups.batch_index),
+                                 rank_options(inputs, options, groups), groups)
     return gather_batch(share, groups.batch)
+
+
+def run_forward_order(order: GraphOrder, graph_calls: CapturedCalls, run, diffusion_model, inputs: dict, options,
+                      groups: RankGroups, device, counts: CallCounts):
+    """This rank's part of one forward as `order` says: launched, captured in CUDA graphs, or replayed;
+    (the whole prediction, why the capture failed or None). Every rank runs the same order."""
+    def forward(graph_pass, whole):
+        return forward_on_rank(run, diffusion_model, whole, flux_layout.with_graph_pass(options, graph_pass), groups)
+
+    return graph_calls.run(order, forward, (inputs,), {}, rank_options(inputs, options, groups), counts,
+                           all_ranks_agree(groups.world, device))
 
 
 def forward_rows_on_rank(run, diffusion_model, inputs: dict, options, groups: RankGroups):
@@ -176,6 +201,7 @@ class ForwardRequest:
     inputs: dict  # slotted x, timestep, context, y, guidance, kwargs; bytes sent after the request
     call_options: dict
     cache_step: Optional[CacheStep]
+    graph_order: GraphOrder  # rank 0's decision on the forward's CUDA graphs, for every rank
 
 
 @dataclass
@@ -272,6 +298,8 @@ def cache_decisions(run: Optional[CacheRun]) -> Optional[tuple]:
 class Replica:
     diffusion_model: torch.nn.Module
     options: dict  # the replica's own transformer_options (First Block Cache's blocks, the attention backend)
+    # The forwards this worker captured for this replica, numbered by rank 0's orders.
+    graph_calls: CapturedCalls
 
 
 def make_replica(spec: ReplicaSpec, device, receive) -> Replica:
@@ -282,19 +310,20 @@ def make_replica(spec: ReplicaSpec, device, receive) -> Replica:
         options["patches_replace"] = {"dit": replacements}
     if spec.attention_backend is not None:
         options[ATTENTION_OVERRIDE_KEY] = AttentionOnBackend(spec.attention_backend)
-    return Replica(diffusion_model, options)
+    return Replica(diffusion_model, options, CapturedCalls(CudaGraphRecorder()))
 
 
-def serve_forward(replica: Replica, request: ForwardRequest, mirror: MirroredCache, receive, groups: RankGroups):
+def serve_forward(replica: Replica, request: ForwardRequest, mirror: MirroredCache, receive, groups: RankGroups, device):
     inputs = from_slots(request.inputs, iter(receive(tensor_slots(request.inputs))))
     options = {**replica.options, **request.call_options, **mirror.options(request.cache_step)}
 
-    def run_share(share, rank_options):
+    def run_share(share, share_options):
         return replica.diffusion_model(share["x"], share["timestep"], share["context"], share["y"], share["guidance"],
-                                       None, None, rank_options, **share["kwargs"])
+                                       None, None, share_options, **share["kwargs"])
 
     with torch.inference_mode():
-        forward_on_rank(run_share, replica.diffusion_model, inputs, options, groups)
+        run_forward_order(request.graph_order, replica.graph_calls, run_share, replica.diffusion_model, inputs, options,
+                          groups, device, CallCounts())
 
 
 def serve(connection, device, groups: RankGroups, backend):
@@ -312,7 +341,7 @@ def serve(connection, device, groups: RankGroups, backend):
         if isinstance(message, ReplicaSpec):
             replica = make_replica(message, device, receive)
         elif isinstance(message, ForwardRequest):
-            serve_forward(replica, message, mirror, receive, groups)
+            serve_forward(replica, message, mirror, receive, groups, device)
         elif isinstance(message, CacheDecisions):
             connection.send(cache_decisions(mirror.run))
         elif isinstance(message, DeviceMemory):

@@ -6,8 +6,11 @@ Hook-up, all through ComfyUI's extension points:
   A replacement that was already there (another pack's) is kept and called to run its block.
 - an OUTER_SAMPLE wrapper gives every sampling run a fresh cache and reports what it did;
 - a CALC_COND_BATCH wrapper marks each model evaluation, so cond and uncond share one decision.
+Under Compile FLUX's CUDA graphs the first block splits each captured forward where it decides: the
+graphs up to its distance, then either the remaining blocks' or the cached residual's, then the
+rest of the forward (kernels/cuda_graphs.py); the residuals live in the captured forward's tensors.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Hashable, Optional
 
 import torch
@@ -17,7 +20,8 @@ import comfy.model_patcher
 import comfy.patcher_extension
 from comfy_api.latest import ComfyExtension, io
 
-from ..kernels.first_block_cache import FirstBlockCache
+from ..kernels.cuda_graphs import Recording, host_decision
+from ..kernels.first_block_cache import FirstBlockCache, distance_sums
 from . import CATEGORY, flux_layout
 from .patcher_hooks import keep_conds_on_device, set_wrapper
 from .reporting import report_run
@@ -28,6 +32,8 @@ FORWARD_KEY = "fluxaccel.first_block_cache.forward"
 WRAPPER_KEY = "fluxaccel.first_block_cache"
 
 NODE_NAME = "Apply First Block Cache"
+# The alternatives of a captured forward after its first block.
+COMPUTE, REUSE = "compute", "reuse"
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,61 @@ class CacheRun:
     cache: FirstBlockCache
     start_sigma: float
     end_sigma: float
+    # Each conditioning's slot, numbered as the run first meets it (cond, then uncond).
+    key_slots: dict = field(default_factory=dict)
+
+    def graph_signature(self, transformer_options) -> tuple:
+        """What a forward captured in CUDA graphs depends on in this run: which slots its rows hold (each
+        captured forward keeps the cached residuals of its own rows), not the run. Runs that meet their
+        conditionings in the same order replay each other's graphs."""
+        keys = transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or ()
+        return tuple(self.key_slots.setdefault(key, len(self.key_slots)) for key in keys)
+
+
+@dataclass
+class CapturedResiduals:
+    """A forward captured in CUDA graphs under First Block Cache: the tensors its graphs share, and the
+    host code that runs between them at each replay.
+
+    The first segment leaves this call's first residual and its distance to the stored one in
+    `first_residual` and `distance_sums`; `choose` reads the distance when the step's decision needs
+    it and picks the alternative: COMPUTE runs the remaining blocks and writes the residuals to store
+    into `first_references` and `remaining`; REUSE adds `remaining` to the first block's output."""
+    first_residual: torch.Tensor
+    distance_sums: torch.Tensor
+    first_references: torch.Tensor
+    remaining: Optional[torch.Tensor]  # recorded at the end of COMPUTE
+
+    @classmethod
+    def record(cls, first_residual, reduce_sums):
+        """Recorded in the first segment, after the first block (empty tensors allocate no kernel)."""
+        first_references = torch.empty_like(first_residual)
+        return cls(first_residual, distance_sums(first_residual, first_references, reduce_sums), first_references, None)
+
+    def keys(self, transformer_options) -> list:
+        return conditioning_keys(transformer_options, self.first_residual.shape[0])
+
+    def hand_in(self, transformer_options):
+        """Before a replay: residuals stored outside this forward's tensors (by launched calls) go in."""
+        run: CacheRun = transformer_options[RUN_KEY]
+        run.cache.copy_stored_into(self.keys(transformer_options), self.first_references, self.remaining)
+
+    def choose(self, transformer_options) -> str:
+        run: CacheRun = transformer_options[RUN_KEY]
+        keys = self.keys(transformer_options)
+        if run.cache.should_reuse(keys, self.first_residual, measured_sums=self.distance_sums):
+            return REUSE
+        # The COMPUTE graphs write what these views show.
+        run.cache.store_first_residual(keys, self.first_references)
+        run.cache.store_remaining_residual(keys, self.remaining)
+        return COMPUTE
+
+    def record_compute_end(self, recording: Recording, last_output: torch.Tensor, first_hidden: torch.Tensor):
+        """Recorded after the last block: the residuals to store; then the REUSE alternative, which
+        leaves its output where the last block left its own, and the rest of the forward."""
+        self.remaining = torch.sub(last_output, first_hidden)
+        self.first_references.copy_(self.first_residual)
+        recording.join({REUSE: lambda: torch.add(first_hidden, self.remaining, out=last_output)})
 
 
 @dataclass
@@ -55,6 +116,8 @@ class ForwardPlan:
     # The single-stream layout (text tokens, then image tokens) of the first block's output, copied:
     # ComfyUI's blocks add to their inputs in place, so the first block's output tensors change.
     first_hidden: torch.Tensor
+    # While the call is captured in CUDA graphs: the recording and its residuals (the graphs decide).
+    recorded: Optional[tuple[Recording, CapturedResiduals]] = None
 
 
 def conditioning_keys(transformer_options, batch_size) -> list[Hashable]:
@@ -73,6 +136,12 @@ class CacheBlock:
         while isinstance(previous_replacement, CacheBlock):
             previous_replacement = previous_replacement.previous_replacement
         self.previous_replacement = previous_replacement
+
+    @property
+    def graph_replayable(self) -> bool:
+        """Whether a forward through this block replays from CUDA graphs: its host code decides only
+        where it splits the recording; another pack's replacement inside it may decide anywhere."""
+        return self.previous_replacement is None
 
     def run_block(self, args, extra):
         if self.previous_replacement is not None:
@@ -97,11 +166,20 @@ class FirstBlock(CacheBlock):
             # This rank holds a share of the image tokens, padded: measure the real ones, summed over ranks.
             first_residual = first_residual[:, :sharded.shard.image_tokens]
             reduce_sums = sharded.sum_across_ranks
-        reuse = run.cache.should_reuse(keys, first_residual, reduce_sums)
+        first_hidden = torch.cat((out["txt"], out["img"]), dim=1)
+        graph_pass = options.get(flux_layout.GRAPH_PASS_KEY)
+        # `options` is forward_orig's own copy: the plan lives exactly as long as this call.
+        if isinstance(graph_pass, Recording):
+            residuals = CapturedResiduals.record(first_residual, reduce_sums)
+            graph_pass.on_replay(residuals.hand_in)
+            graph_pass.branch(residuals.choose, COMPUTE, decider=NODE_NAME)
+            options[FORWARD_KEY] = ForwardPlan(run, keys, False, first_hidden, (graph_pass, residuals))
+            return out
+        with host_decision(graph_pass):
+            reuse = run.cache.should_reuse(keys, first_residual, reduce_sums)
         if not reuse:
             run.cache.store_first_residual(keys, first_residual)
-        # `options` is forward_orig's own copy: the plan lives exactly as long as this call.
-        options[FORWARD_KEY] = ForwardPlan(run, keys, reuse, torch.cat((out["txt"], out["img"]), dim=1))
+        options[FORWARD_KEY] = ForwardPlan(run, keys, reuse, first_hidden)
         return out
 
 
@@ -121,7 +199,11 @@ class LastBlock(CacheBlock):
         if plan.reuse:
             return {"img": plan.first_hidden + plan.run.cache.remaining_residual(plan.keys)}
         out = self.run_block(args, extra)
-        plan.run.cache.store_remaining_residual(plan.keys, out["img"] - plan.first_hidden)
+        if plan.recorded is not None:
+            recording, residuals = plan.recorded
+            residuals.record_compute_end(recording, out["img"], plan.first_hidden)
+        else:
+            plan.run.cache.store_remaining_residual(plan.keys, out["img"] - plan.first_hidden)
         return out
 
 

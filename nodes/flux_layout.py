@@ -35,3 +35,13 @@ FP8_SENSITIVE_LAYERS = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in
 # The transformer_options entry through which a forward sharded across ranks (context parallel)
 # tells the other hooks of that forward what this rank holds (a kernels.context_parallel.ShardedForward).
 SHARDED_FORWARD_KEY = "fluxaccel.context_parallel.forward"
+
+# The transformer_options entry through which a model call that is being captured in CUDA graphs, or
+# watched before its capture, hands its hooks the capture's `kernels.cuda_graphs.Recording` (or the
+# watch): host code that decides per call splits the recording there (see kernels/cuda_graphs.py).
+GRAPH_PASS_KEY = "fluxaccel.graph_pass"
+
+
+def with_graph_pass(transformer_options, graph_pass):
+    """The call's transformer options, handing its hooks `graph_pass` (None: a launched call)."""
+    return transformer_options if graph_pass is None else {**transformer_options, GRAPH_PASS_KEY: graph_pass}

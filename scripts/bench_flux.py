@@ -196,6 +196,8 @@ def measure(model, resolution, args, reference):
         "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "worker_peak_vram_gb": [peak for _, peak in worker_memory()] or None,
         "steps_reused": recorder.reports[-1][2] if recorder.reports else 0,
+        # What Compile FLUX's CUDA graphs did in the last timed run (segments under First Block Cache).
+        "cuda_graphs": recorder.cuda_graphs[-1] if recorder.cuda_graphs else None,
         # Graphs Compile FLUX compiled in the warm-up run and in the timed runs (None: not compiled by it).
         "graphs_compiled": None if not first_recorder.graphs_compiled else
         [sum(first_recorder.graphs_compiled), sum(sum(r.graphs_compiled) for _, _, r in timings)],

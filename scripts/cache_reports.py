@@ -1,5 +1,5 @@
 """Reading the pack's per-run reports back from the log: First Block Cache's "computed C/N steps,
-reused R/N" and Compile FLUX's "N graphs compiled this run"."""
+reused R/N", Compile FLUX's "N graphs compiled this run" and what its CUDA graphs did."""
 import logging
 import re
 
@@ -13,6 +13,14 @@ def parse_cache_report(text):
     return tuple(int(group) for group in match.groups()) if match else None
 
 
+def cuda_graphs_report(text):
+    """What a Compile FLUX report line says its CUDA graphs did ("26 of 28 model calls replayed ...",
+    "CUDA graphs not used: ..."), or None if the text is no such report."""
+    if parse_compile_report(text) is None or "; " not in text:
+        return None
+    return text.partition("; ")[2]
+
+
 def parse_compile_report(text):
     """Graphs compiled in the run one Compile FLUX report line describes, or None if it is no report."""
     match = COMPILE_PATTERN.search(text)
@@ -23,12 +31,14 @@ def parse_compile_report(text):
 
 class CacheReportRecorder(logging.Handler):
     """Collects the reports logged while it is attached to the root logger (`with CacheReportRecorder() as r`):
-    `reports` from First Block Cache, `graphs_compiled` from Compile FLUX, one entry per sampling run."""
+    `reports` from First Block Cache, `graphs_compiled` and `cuda_graphs` from Compile FLUX, one entry per
+    sampling run."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.reports = []
         self.graphs_compiled = []
+        self.cuda_graphs = []
         self._previous_level = None
 
     def emit(self, record):
@@ -39,6 +49,9 @@ class CacheReportRecorder(logging.Handler):
         graphs = parse_compile_report(message)
         if graphs is not None:
             self.graphs_compiled.append(graphs)
+        replayed = cuda_graphs_report(message)
+        if replayed is not None:
+            self.cuda_graphs.append(replayed)
 
     def __enter__(self):
         root = logging.getLogger()

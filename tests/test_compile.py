@@ -19,7 +19,7 @@ from fluxaccel.kernels import qk_norm_rope_fusion
 from fluxaccel.kernels.regional_compile import use_persistent_compile_cache
 from fluxaccel.nodes.compile import BACKEND_KEY, CUDA_GRAPHS_KEY, CompileFlux, compile_cache_folder
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
-from cache_reports import parse_compile_report
+from cache_reports import cuda_graphs_report, parse_compile_report
 from flux_fixtures import tiny_flux_patcher
 from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, tiny_lora, with_cache,
                               with_lora)
@@ -38,8 +38,7 @@ def graphs_compiled_per_run(caplog):
 
 def cuda_graph_reports(caplog):
     """What each run's Compile FLUX report says about CUDA graphs."""
-    return [message.partition("; ")[2] for record in caplog.records
-            if (message := record.getMessage()).startswith("Compile FLUX: ") and "; " in message]
+    return [report for record in caplog.records if (report := cuda_graphs_report(record.getMessage())) is not None]
 
 
 def graph_break_reports(caplog):
@@ -268,18 +267,32 @@ def test_a_lora_or_size_change_is_captured_anew(caplog_info):
 
 
 @needs_cuda
-def test_first_block_cache_runs_without_graphs_and_says_why(caplog_info):
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("conds", ["batched", "one call each"])
+def test_first_block_cache_replays_its_graph_segments_as_launched_bit_for_bit(fp8, conds, caplog_info):
+    """The CPU tests of test_graph_segments.py on CUDA graphs, with the blocks compiled."""
     model = gpu_like_flux(dtype=torch.bfloat16)
-    expected = ksample(with_cache(launched_one_by_one(model), 0.8), steps=8)
-    assert torch.equal(ksample(with_cache(compiled(model), 0.8), steps=8), expected)
-    assert cuda_graph_reports(caplog_info)[-1].startswith("CUDA graphs not used: block patches")
+    if conds == "one call each":
+        model.model.memory_usage_factor = 1e12  # no room to batch: cond and uncond in a call each
+    model = FP8DynamicQuantize.execute(model, "per-row", "").result[0] if fp8 else model
+    expected = ksample(with_cache(launched_one_by_one(model), 0.8), steps=8, cfg=2.0)
+    expected_steps = cache_summaries(caplog_info)[-1]
+    assert 0 < expected_steps[2] < 8
+    replaying = with_cache(compiled(model), 0.8)
+    for _ in range(2):
+        assert torch.equal(ksample(replaying, steps=8, cfg=2.0), expected)
+        assert cache_summaries(caplog_info)[-1] == expected_steps
+    calls = 8 if conds == "batched" else 16
+    assert cuda_graph_reports(caplog_info)[-1].startswith(
+        f"{calls} of {calls} model calls replayed from CUDA graphs ({3 * calls} graph segments, split where Apply "
+        "First Block Cache decides")
 
 
 @needs_cuda
 def test_graphs_stay_while_the_model_stays_loaded_and_go_when_it_is_unloaded():
     replaying = compiled(gpu_like_flux(dtype=torch.bfloat16))
     ksample(replaying, steps=3)
-    graphs = replaying.model_options[CUDA_GRAPHS_KEY].calls.graphs
+    graphs = replaying.model_options[CUDA_GRAPHS_KEY].graphs.calls.captured
     assert len(graphs) == 1
     ksample(replaying, steps=3, seed=1)
     assert len(graphs) == 1, "a second run on the loaded model replays the same graph"

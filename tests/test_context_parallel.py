@@ -242,6 +242,39 @@ def test_ring_attention_over_shares_that_do_not_divide_gets_a_clear_error():
         ksample(across(tiny_flux_patcher(), 2, 1, 2), size=40, steps=1)
 
 
+@pytest.mark.skipif(not ON_GPUS, reason="CUDA graphs need CUDA GPUs (over gloo the ranks launch: test_graph_segments.py)")
+@pytest.mark.parametrize("gpus, ulysses_degree, ring_degree, cfg_parallel, size", [
+    (2, 2, 1, False, 32),
+    (2, 2, 1, False, 40),  # shares padded, the key mask filled inside the graphs
+    (2, 1, 2, False, 32),
+    pytest.param(4, 2, 1, True, 32, marks=needs_ranks(4)),
+])
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "first-block-cache"])
+def test_every_rank_replays_its_share_from_cuda_graphs_as_launched(gpus, ulysses_degree, ring_degree, cfg_parallel,
+                                                                   size, cached, caplog_info):
+    model = gpu_like_flux(dtype=torch.bfloat16)
+
+    def parallel_stack(cuda_graphs):
+        stack = CompileFlux.execute(model, "default", "automatic", cuda_graphs).result[0]
+        stack = with_cache(stack, REUSING_THRESHOLD) if cached else stack
+        return across(stack, gpus, ulysses_degree, ring_degree, cfg_parallel=cfg_parallel)
+
+    positive = conditioning(tokens=8, seed=1)
+    expected = ksample(parallel_stack(False), positive, cfg=2.0, size=size, steps=8)
+    expected_steps = cache_summaries(caplog_info)[-1] if cached else None
+    replaying = parallel_stack(True)
+    for _ in range(2):
+        assert torch.equal(ksample(replaying, positive, cfg=2.0, size=size, steps=8), expected)
+        if cached:
+            assert cache_summaries(caplog_info)[-1] == expected_steps
+    [*_, report] = [message for record in caplog_info.records if (message := record.getMessage()).startswith("Compile FLUX")]
+    assert "; 8 of 8 model calls replayed from CUDA graphs (" in report
+    if cached:
+        assert "First Block Cache decides" in report
+        assert context_parallel_reports(caplog_info)[-1].endswith(
+            "First Block Cache took the same 8 decisions on every rank")
+
+
 def test_cancel_stops_every_rank_and_the_next_prompt_works():
     import comfy.model_management
 

@@ -1,12 +1,16 @@
-"""kernels.cuda_graphs: what makes two calls the same call (CPU), and capture and replay (CUDA)."""
+"""kernels.cuda_graphs: what makes two calls the same call, and capture and replay of calls split where
+their host code decides: on the CPU with the eager stand-in (graph_stand_in.py), on CUDA graphs where a GPU is."""
 import logging
 
 import pytest
 import torch
 
 from conftest import needs_cuda
-from fluxaccel.kernels.cuda_graphs import CapturedCalls, call_signature, reset_cuda_random_state, weights_signature
+from fluxaccel.kernels.cuda_graphs import (CAPTURE, LAUNCH, MAX_GRAPHS, REPLAY, CallCounts, CapturedCalls,
+                                           CapturePlanner, CudaGraphRecorder, GraphOrder, Recording, ReplayedCalls,
+                                           call_signature, host_decision, reset_cuda_random_state, weights_signature)
 from fluxaccel.nodes.fp8_layout import quantize_weight
+from graph_stand_in import TapeRecorder
 
 
 def test_signature_follows_shapes_and_values_not_tensor_contents():
@@ -69,27 +73,172 @@ class SmallNet(torch.nn.Module):
         return self.second(torch.nn.functional.gelu(self.first(x))) * scale
 
 
-def replaying(net):
-    calls = CapturedCalls("test")
-    return calls, lambda x, **kwargs: calls(net, (x,), kwargs, weights_signature(net))
+def replaying(net, recorder):
+    """(counts, graphs, run): `run(x, **kwargs)` calls `net` through ReplayedCalls."""
+    graphs, counts = ReplayedCalls("test", recorder), CallCounts()
+
+    def run(x, **kwargs):
+        return graphs(call_signature((x,), kwargs, weights_signature(net)), lambda graph_pass, *a, **k: net(*a, **k),
+                      (x,), kwargs, None, counts)
+    return counts, graphs, run
+
+
+def branching_call(graph_pass, x, cache):
+    """A call shaped as First Block Cache's: a head measures, the host decides from the measure whether
+    the rest runs ("full") or a kept value is reused ("kept"), a tail follows; the kept value lives in
+    `cache`, handed to the recorded tensors before each replay."""
+    head = torch.tanh(x) * 2
+    measure = head.abs().sum()
+    if isinstance(graph_pass, Recording):
+        kept = torch.empty_like(head)
+
+        def choose(context):
+            full = measure.item() > context["limit"]
+            cache["kept"] = kept
+            return "full" if full else "kept"
+
+        graph_pass.on_replay(lambda context: kept.copy_(cache["kept"]) if cache.get("kept") is not kept else None)
+        graph_pass.branch(choose, "full", decider="test")
+        body = torch.sin(head) + 1
+        kept.copy_(body)
+        graph_pass.join({"kept": lambda: body.copy_(kept)})
+        return body * 3
+    with host_decision(graph_pass):
+        full = measure.item() > cache["limit"]
+    if full:
+        body = torch.sin(head) + 1
+        cache["kept"] = body.clone()
+    else:
+        body = cache["kept"].clone()
+    return body * 3
+
+
+def run_branching(recorder, inputs, limit=20.0):
+    """Results of `branching_call` for `inputs` replayed (after a launched and a captured call), and launched."""
+    graphs, counts = ReplayedCalls("test", recorder), CallCounts()
+    replayed_cache, launched_cache = {"limit": limit}, {"limit": limit}
+    replayed = [graphs(call_signature((x,), {}, ()), lambda graph_pass, x: branching_call(graph_pass, x, replayed_cache),
+                       (x,), {}, replayed_cache, counts) for x in inputs]
+    launched = [branching_call(None, x, launched_cache) for x in inputs]
+    return replayed, launched, counts
+
+
+def branching_inputs(device="cpu"):
+    generator = torch.Generator().manual_seed(3)
+    return [(torch.randn(4, 8, generator=generator) * scale).to(device) for scale in (1, 0.3, 0.2, 2, 0.1, 0.25, 3, 0.2)]
+
+
+def test_a_split_call_replays_its_segments_and_the_alternative_the_host_chooses():
+    inputs = branching_inputs()
+    replayed, launched, counts = run_branching(TapeRecorder(), inputs)
+    assert all(torch.equal(got, want) for got, want in zip(replayed, launched))
+    assert 1 < len({got.sum().item() for got in replayed}) < len(inputs), "both alternatives taken"
+    assert (counts.eager, counts.captured, counts.replayed) == (2, 1, 6)
+    assert (counts.segments_captured, counts.segments_replayed, counts.deciders) == (4, 18, {"test"})
+
+
+def test_a_value_kept_outside_the_recorded_tensors_is_handed_in_before_the_replay():
+    """The launched first call keeps its value in a tensor of its own: the replay reuses it only because
+    `on_replay` copied it into the graphs' tensor."""
+    inputs = branching_inputs()
+    inputs = inputs[:1] + [inputs[1] * 0.01] * 3
+    replayed, launched, _ = run_branching(TapeRecorder(), inputs)
+    assert torch.equal(replayed[-1], launched[-1]) and torch.equal(replayed[-1], launched[0])
+
+
+class RecordingCall:
+    """A call whose recording goes wrong in one of a few ways."""
+
+    def __init__(self, fault):
+        self.fault = fault
+
+    def __call__(self, graph_pass, x):
+        y = x * 2
+        if isinstance(graph_pass, Recording) and self.fault == "branch without join":
+            graph_pass.branch(lambda context: "a", "a", decider="test")
+        if self.fault == "host read":
+            y = y * float(y.sum().item() > 0)
+        return y + 1
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("host read", "it waits for the GPU on the host"),
+    ("branch without join", "a recorded call branched and its alternatives never joined"),
+])
+def test_a_call_that_cannot_be_recorded_runs_launched_and_is_said_once(fault, message, caplog):
+    graphs, counts, call = ReplayedCalls("test", TapeRecorder()), CallCounts(), RecordingCall(fault)
+    x = torch.randn(5)
+    with caplog.at_level(logging.WARNING):
+        results = [graphs(call_signature((x,), {}, ()), call, (x,), {}, None, counts) for _ in range(4)]
+    assert all(torch.equal(result, call(None, x)) for result in results)
+    assert not graphs.calls.captured and counts.eager == 4
+    [warning] = [record.getMessage() for record in caplog.records if "cannot be captured" in record.getMessage()]
+    assert warning.startswith(f"test: this call cannot be captured in a CUDA graph ({message}")
+
+
+def test_planner_captures_at_the_second_call_and_releases_the_least_recently_used():
+    planner, numbers = CapturePlanner("test"), []
+    for name in range(MAX_GRAPHS + 1):
+        assert planner.order(name) == GraphOrder(LAUNCH)
+        order = planner.order(name)
+        assert order.action == CAPTURE and order.released == (() if name < MAX_GRAPHS else (numbers[0],))
+        planner.settle(name, order, None)
+        numbers.append(order.number)
+        assert planner.order(name) == GraphOrder(REPLAY, order.number)
+    assert len(set(numbers)) == MAX_GRAPHS + 1 and 0 not in planner.numbers
+
+
+def test_planner_launches_a_call_whose_capture_failed_from_then_on(caplog):
+    planner = CapturePlanner("test")
+    planner.order("a")
+    with caplog.at_level(logging.WARNING):
+        planner.settle("a", planner.order("a"), "why")
+    assert [planner.order("a") for _ in range(3)] == [GraphOrder(LAUNCH)] * 3
+    assert caplog.records[-1].getMessage() == (
+        "test: this call cannot be captured in a CUDA graph (why); it runs without one.")
+
+
+def test_ranks_that_do_not_all_agree_capture_nothing():
+    calls, counts = CapturedCalls(TapeRecorder()), CallCounts()
+    x = torch.randn(3)
+    result, failure = calls.run(GraphOrder(CAPTURE, 0), lambda graph_pass, x: x + 1, (x,), {}, None, counts,
+                                agree=lambda ok: False)
+    assert torch.equal(result, x + 1) and failure == "another rank's call waits for the GPU on the host"
+    assert not calls.captured
+
+
+def test_released_calls_are_dropped_before_the_order_runs():
+    calls, counts = CapturedCalls(TapeRecorder()), CallCounts()
+    x = torch.randn(3)
+    calls.run(GraphOrder(CAPTURE, 0), lambda graph_pass, x: x + 1, (x,), {}, None, counts)
+    assert torch.equal(calls.run(GraphOrder(REPLAY, 0), None, (x * 2,), {}, None, counts)[0], x * 2 + 1)
+    calls.run(GraphOrder(LAUNCH, None, released=(0,)), lambda graph_pass, x: x, (x,), {}, None, counts)
+    assert not calls.captured
 
 
 @needs_cuda
 def test_replays_give_the_eager_results_for_new_inputs():
     net = SmallNet().cuda()
-    calls, run = replaying(net)
+    counts, _, run = replaying(net, CudaGraphRecorder())
     inputs = [torch.randn(8, 64, device="cuda") for _ in range(5)]
     with torch.no_grad():
         results = [run(x) for x in inputs]
         expected = [net(x) for x in inputs]
     assert all(torch.equal(result, want) for result, want in zip(results, expected))
-    assert (calls.counts.eager, calls.counts.captured, calls.counts.replayed) == (2, 1, 3)
+    assert (counts.eager, counts.captured, counts.replayed) == (2, 1, 3)
+
+
+@needs_cuda
+def test_a_split_call_replays_on_cuda_graphs_as_launched():
+    replayed, launched, counts = run_branching(CudaGraphRecorder(), branching_inputs("cuda"))
+    assert all(torch.equal(got, want) for got, want in zip(replayed, launched))
+    assert (counts.captured, counts.replayed, counts.segments_replayed) == (1, 6, 18)
 
 
 @needs_cuda
 def test_a_new_shape_value_or_weight_set_is_captured_anew():
     net = SmallNet().cuda()
-    calls, run = replaying(net)
+    counts, graphs, run = replaying(net, CudaGraphRecorder())
     with torch.no_grad():
         for _ in range(3):
             run(torch.randn(8, 64, device="cuda"))
@@ -102,24 +251,25 @@ def test_a_new_shape_value_or_weight_set_is_captured_anew():
         results = [run(x, scale=2.0) for _ in range(3)]
         expected = net(x, scale=2.0)
     assert all(torch.equal(result, expected) for result in results)
-    assert len(calls.graphs) == 4 and calls.counts.captured == 4 and calls.counts.replayed == 4
+    assert len(graphs.calls.captured) == 4 and counts.captured == 4 and counts.replayed == 4
 
 
 @needs_cuda
-def test_a_call_that_waits_for_the_host_runs_without_a_graph(caplog):
-    calls = CapturedCalls("test")
-
-    def syncing(x):
-        return x * x.sum().item()
-
+@pytest.mark.parametrize("fault", ["host read", "branch without join"])
+def test_a_capture_that_fails_part_way_leaves_the_stream_and_random_numbers_working(fault, caplog):
+    graphs, counts, call = ReplayedCalls("test", CudaGraphRecorder()), CallCounts(), RecordingCall(fault)
     x = torch.randn(16, device="cuda")
+    stream = torch.cuda.current_stream()
     with caplog.at_level(logging.WARNING):
-        results = [calls(syncing, (x,), {}, ()) for _ in range(4)]
-    assert all(torch.equal(result, x * x.sum().item()) for result in results)
-    assert not calls.graphs and calls.counts.eager == 4
-    assert "cannot be captured in a CUDA graph (it waits for the GPU on the host" in caplog.text
+        results = [graphs(call_signature((x,), {}, ()), call, (x,), {}, None, counts) for _ in range(4)]
+    assert all(torch.equal(result, call(None, x)) for result in results)
+    assert not graphs.calls.captured and counts.eager == 4
     assert sum("cannot be captured" in record.getMessage() for record in caplog.records) == 1, "said once"
-    assert torch.cuda.get_sync_debug_mode() == 0
+    assert torch.cuda.get_sync_debug_mode() == 0 and torch.cuda.current_stream() == stream
+    torch.cuda.manual_seed(3)
+    first = torch.randn(4, device="cuda")
+    torch.cuda.manual_seed(3)
+    assert torch.equal(torch.randn(4, device="cuda"), first)
 
 
 @needs_cuda
@@ -138,7 +288,7 @@ def test_random_numbers_work_again_after_a_failed_capture():
 
 @needs_cuda
 def test_release_gives_the_graphs_memory_back():
-    calls, run = replaying(SmallNet().cuda())
+    _, graphs, run = replaying(SmallNet().cuda(), CudaGraphRecorder())
     x = torch.randn(4096, 64, device="cuda")
 
     def capture_and_release():
@@ -146,7 +296,7 @@ def test_release_gives_the_graphs_memory_back():
             for _ in range(3):
                 run(x)
         held = torch.cuda.memory_reserved()
-        calls.release()
+        graphs.release()
         torch.cuda.empty_cache()
         return held
 
