@@ -19,9 +19,11 @@ stage recorded so far ends there (`Recording.branch`), the code that follows is 
 alternative of the next stage, and where the alternatives meet again (`Recording.join`) the others
 are recorded from functions the host code hands over. A replay then runs each stage's graph, asking
 the host code's `choose(context)` which alternative a branched stage takes: one read of the GPU per
-decision, everything between decisions replayed. Values that cross from one segment to the next,
-or from one call to a later one (cached residuals), live in tensors the graphs hold, so their
-addresses are the same at every replay.
+decision, everything between decisions replayed. Values that cross from one segment to the next
+live in tensors the graphs hold, so their addresses are the same at every replay. Values that cross
+from one call to a later one (cached residuals) live in tensors kept outside the graphs' memory pool
+(`Recording.kept`): the pool's memory holds nothing from one call to the next, since every graph
+sharing it (this call's earlier segments included) may reuse memory freed before it was captured.
 
 The recording and replay themselves are a recorder's: `CudaGraphRecorder` on GPUs; the tests run the
 same code on the CPU with a stand-in that records the ATen operations instead.
@@ -185,8 +187,10 @@ class CudaGraphRecorder:
         reset_cuda_random_state()
 
     @staticmethod
-    def replay(graph):
-        graph.replay()
+    def replay_call(graphs):
+        """Replays one call's graphs in order, as `graphs` yields them (host decisions in between)."""
+        for graph in graphs:
+            graph.replay()
 
     def release(self):
         self.pool = None
@@ -207,17 +211,33 @@ class Recording:
         recording.join({"reuse": record_reuse})                            # ... the rest of the call
     """
 
-    def __init__(self, recorder):
+    def __init__(self, recorder, kept: dict):
         self.recorder = recorder
         self.stages: list[Stage] = []
         self.prepare: list[Callable[[object], None]] = []
         self.deciders: list[str] = []
+        # Tensors that live across calls, allocated outside the graphs' pool before the capture; the
+        # ones the call asked for but were not there, to allocate for the capture done again.
+        self.kept = kept
+        self.missing: dict[str, tuple] = {}
+        self.output = None
         self._stage = Stage()
         self._alternative = ONLY
         self._capture = None
 
     def start(self):
         self._capture = self.recorder.begin()
+
+    def kept_tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like `like` whose values a later call reads (a cached residual): kept outside
+        the graphs' memory pool, whose memory any graph may reuse. The first capture of a call only
+        learns the tensors it needs (it gets pool stand-ins) and is then done again with them."""
+        layout = (tuple(like.shape), like.dtype, like.device)
+        tensor = self.kept.get(name)
+        if tensor is not None and (tuple(tensor.shape), tensor.dtype, tensor.device) == layout:
+            return tensor
+        self.missing[name] = layout
+        return torch.empty_like(like)
 
     def on_replay(self, prepare: Callable[[object], None]):
         """Host code that runs before each replay of the call, given its context (copying values
@@ -290,8 +310,8 @@ class CapturedCall:
             buffer.copy_(tensor)
         for prepare in self.prepare:
             prepare(context)
-        for stage in self.stages:
-            recorder.replay(stage.graphs[stage.choose(context) if stage.choose is not None else ONLY])
+        recorder.replay_call(stage.graphs[stage.choose(context) if stage.choose is not None else ONLY]
+                             for stage in self.stages)
         # The next replay overwrites the graphs' output buffers; the caller gets its own copy.
         return cloned_tensors(self.output)
 
@@ -425,16 +445,27 @@ class CapturedCalls:
 
     def capture(self, function, args, kwargs) -> CapturedCall:
         static_args, static_kwargs = cloned_tensors((args, kwargs))
-        recording = Recording(self.recorder)
+        recording = self.record(function, static_args, static_kwargs, kept={})
+        if recording.missing:
+            # Captured again with the tensors kept across calls allocated now, outside the pool.
+            kept = {name: torch.empty(shape, dtype=dtype, device=device)
+                    for name, (shape, dtype, device) in recording.missing.items()}
+            recording = self.record(function, static_args, static_kwargs, kept)
+            if recording.missing:
+                raise RuntimeError(f"captured again, the call asked for other tensors to keep: {sorted(recording.missing)}")
+        return CapturedCall(tensor_leaves((static_args, static_kwargs)), recording.output, recording.stages,
+                            recording.prepare, tuple(recording.deciders))
+
+    def record(self, function, static_args, static_kwargs, kept) -> Recording:
+        recording = Recording(self.recorder, kept)
         recording.start()
         try:
-            output = function(recording, *static_args, **static_kwargs)
+            recording.output = function(recording, *static_args, **static_kwargs)
             recording.finish()
         except BaseException:
             recording.abandon()
             raise
-        return CapturedCall(tensor_leaves((static_args, static_kwargs)), output, recording.stages, recording.prepare,
-                            tuple(recording.deciders))
+        return recording
 
     def release(self):
         """Drops every graph and the memory they hold (the model was unloaded)."""

@@ -72,14 +72,16 @@ class CapturedResiduals:
     into `first_references` and `remaining`; REUSE adds `remaining` to the first block's output."""
     first_residual: torch.Tensor
     distance_sums: torch.Tensor
-    first_references: torch.Tensor
-    remaining: Optional[torch.Tensor]  # recorded at the end of COMPUTE
+    first_references: torch.Tensor  # kept across calls, outside the graphs' memory
+    remaining: torch.Tensor  # kept across calls, outside the graphs' memory
 
     @classmethod
-    def record(cls, first_residual, reduce_sums):
-        """Recorded in the first segment, after the first block (empty tensors allocate no kernel)."""
-        first_references = torch.empty_like(first_residual)
-        return cls(first_residual, distance_sums(first_residual, first_references, reduce_sums), first_references, None)
+    def record(cls, recording: Recording, first_residual, first_hidden, reduce_sums):
+        """Recorded in the first segment, after the first block."""
+        first_references = recording.kept_tensor(f"{NODE_NAME}: first residuals", first_residual)
+        remaining = recording.kept_tensor(f"{NODE_NAME}: remaining residuals", first_hidden)
+        return cls(first_residual, distance_sums(first_residual, first_references, reduce_sums), first_references,
+                   remaining)
 
     def keys(self, transformer_options) -> list:
         return conditioning_keys(transformer_options, self.first_residual.shape[0])
@@ -102,7 +104,7 @@ class CapturedResiduals:
     def record_compute_end(self, recording: Recording, last_output: torch.Tensor, first_hidden: torch.Tensor):
         """Recorded after the last block: the residuals to store; then the REUSE alternative, which
         leaves its output where the last block left its own, and the rest of the forward."""
-        self.remaining = torch.sub(last_output, first_hidden)
+        torch.sub(last_output, first_hidden, out=self.remaining)
         self.first_references.copy_(self.first_residual)
         recording.join({REUSE: lambda: torch.add(first_hidden, self.remaining, out=last_output)})
 
@@ -170,7 +172,7 @@ class FirstBlock(CacheBlock):
         graph_pass = options.get(flux_layout.GRAPH_PASS_KEY)
         # `options` is forward_orig's own copy: the plan lives exactly as long as this call.
         if isinstance(graph_pass, Recording):
-            residuals = CapturedResiduals.record(first_residual, reduce_sums)
+            residuals = CapturedResiduals.record(graph_pass, first_residual, first_hidden, reduce_sums)
             graph_pass.on_replay(residuals.hand_in)
             graph_pass.branch(residuals.choose, COMPUTE, decider=NODE_NAME)
             options[FORWARD_KEY] = ForwardPlan(run, keys, False, first_hidden, (graph_pass, residuals))

@@ -13,9 +13,11 @@ other is rerun and its results copied into the recorded ones. An operation that 
 value (`.item()`, `bool(tensor)`) fails the recording, as waiting for the GPU fails a CUDA graph
 capture, and counts as a host sync in the watched run before a capture.
 
-What it does not reproduce: a CUDA graph pool's reuse of memory freed inside a recording (the tape
-keeps every tensor it saw alive), kernels that bypass ATen's dispatcher (inductor's compiled code:
-the tests replay uncompiled models), host reads that bypass it (`Tensor.tolist` on the CPU), streams.
+Graph memory: each replayed call starts with NaN in every tensor a recording allocated, since in a
+CUDA graph pool nothing survives from one call to the next. What it does not reproduce: reuse of
+memory within a call (the tape keeps every tensor it saw alive; the pool hands out only memory no
+live tensor holds), kernels that bypass ATen's dispatcher (inductor's compiled code: the tests
+replay uncompiled models), host reads that bypass it (`Tensor.tolist` on the CPU), streams.
 """
 import contextlib
 
@@ -32,10 +34,17 @@ def returns_host_value(func) -> bool:
     return any("Tensor" not in str(value.type) for value in func._schema.returns)
 
 
+def allocates(func) -> bool:
+    """Whether the operation's results are new tensors (not views of, or writes into, its arguments)."""
+    schema = func._schema
+    return not schema.is_mutable and all(value.alias_info is None for value in schema.returns)
+
+
 class Tape(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.operations = []
+        self.allocated = []  # the tensors the recording allocated: a CUDA graph's pool memory
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -43,16 +52,17 @@ class Tape(TorchDispatchMode):
             raise RuntimeError(f"{func} reads a value on the host while a call is recorded")
         result = func(*args, **kwargs)
         self.operations.append((func, args, kwargs, result))
+        if allocates(func):
+            self.allocated += [tensor for tensor in pytree.tree_leaves(result) if torch.is_tensor(tensor)]
         return result
 
     def replay(self):
         for func, args, kwargs, result in self.operations:
-            schema = func._schema
-            if schema.name in ALLOCATIONS:
+            if func._schema.name in ALLOCATIONS:
                 continue
-            if schema.is_mutable:
+            if func._schema.is_mutable:
                 func(*args, **kwargs)
-            elif not any(value.alias_info is not None for value in schema.returns):
+            elif allocates(func):
                 fresh = func(*args, **kwargs)
                 for recorded, new in zip(pytree.tree_leaves(result), pytree.tree_leaves(fresh)):
                     if torch.is_tensor(recorded):
@@ -81,11 +91,23 @@ class HostReadWatch(TorchDispatchMode):
             self._decisions -= 1
 
 
+def poison(tensor: torch.Tensor):
+    if tensor.is_floating_point() or tensor.is_complex():
+        tensor.fill_(float("nan"))
+    elif tensor.dtype != torch.bool:
+        tensor.fill_(torch.iinfo(tensor.dtype).min)
+
+
 class TapeRecorder:
-    """CudaGraphRecorder's interface over `Tape`s, for models on the CPU."""
+    """CudaGraphRecorder's interface over `Tape`s, for models on the CPU.
+
+    Each replayed call starts with NaN in every tensor any recording allocated: in a CUDA graph pool
+    nothing survives from one call to the next (other calls' graphs, and this call's own earlier
+    segments, may reuse the memory), so a value a call leaves there for a later one is lost here too."""
 
     def __init__(self):
         self.replays = 0
+        self.tapes = []
 
     @staticmethod
     def records_on(device) -> bool:
@@ -101,18 +123,23 @@ class TapeRecorder:
         tape.__enter__()
         return tape
 
-    @staticmethod
-    def end(tape: Tape) -> Tape:
+    def end(self, tape: Tape) -> Tape:
         tape.__exit__(None, None, None)
+        self.tapes.append(tape)
         return tape
 
     @staticmethod
     def abandon(tape: Tape):
         tape.__exit__(None, None, None)
 
-    def replay(self, tape: Tape):
-        self.replays += 1
-        tape.replay()
+    def replay_call(self, tapes):
+        with torch.no_grad():
+            for recorded in self.tapes:
+                for tensor in recorded.allocated:
+                    poison(tensor)
+        for tape in tapes:
+            self.replays += 1
+            tape.replay()
 
     def release(self):
         pass

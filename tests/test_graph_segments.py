@@ -2,8 +2,9 @@
 
 First Block Cache splits each captured forward where it decides (kernels/cuda_graphs.py). On the CPU the
 graphs are the eager stand-in of tests/graph_stand_in.py, which replays the recorded ATen operations on
-the recorded tensors and runs none of the forward's host code: a residual or decision the segments do
-not hand over shows as a different latent. Compile FLUX's blocks run uncompiled here (the stand-in cannot
+the recorded tensors, runs none of the forward's host code and starts every replayed call with NaN in
+the graphs' memory: a residual or decision the segments do not hand over, or a residual left in graph
+memory for a later call, shows as a different latent. Compile FLUX's blocks run uncompiled here (the stand-in cannot
 see inside inductor's kernels); every replayed run is compared bit for bit with the same chain launched.
 The same checks on CUDA graphs are GPU tests in test_compile.py and test_context_parallel.py.
 """

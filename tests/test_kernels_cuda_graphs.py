@@ -83,14 +83,15 @@ def replaying(net, recorder):
     return counts, graphs, run
 
 
-def branching_call(graph_pass, x, cache):
+def branching_call(graph_pass, x, cache, kept_in_graph_memory=False):
     """A call shaped as First Block Cache's: a head measures, the host decides from the measure whether
     the rest runs ("full") or a kept value is reused ("kept"), a tail follows; the kept value lives in
-    `cache`, handed to the recorded tensors before each replay."""
+    `cache`, handed to the recorded tensors before each replay. `kept_in_graph_memory`: the mistake of
+    keeping it in the graphs' own memory."""
     head = torch.tanh(x) * 2
     measure = head.abs().sum()
     if isinstance(graph_pass, Recording):
-        kept = torch.empty_like(head)
+        kept = torch.empty_like(head) if kept_in_graph_memory else graph_pass.kept_tensor("kept", head)
 
         def choose(context):
             full = measure.item() > context["limit"]
@@ -113,12 +114,15 @@ def branching_call(graph_pass, x, cache):
     return body * 3
 
 
-def run_branching(recorder, inputs, limit=20.0):
+def run_branching(recorder, inputs, limit=20.0, kept_in_graph_memory=False):
     """Results of `branching_call` for `inputs` replayed (after a launched and a captured call), and launched."""
     graphs, counts = ReplayedCalls("test", recorder), CallCounts()
     replayed_cache, launched_cache = {"limit": limit}, {"limit": limit}
-    replayed = [graphs(call_signature((x,), {}, ()), lambda graph_pass, x: branching_call(graph_pass, x, replayed_cache),
-                       (x,), {}, replayed_cache, counts) for x in inputs]
+
+    def call(graph_pass, x):
+        return branching_call(graph_pass, x, replayed_cache, kept_in_graph_memory)
+
+    replayed = [graphs(call_signature((x,), {}, ()), call, (x,), {}, replayed_cache, counts) for x in inputs]
     launched = [branching_call(None, x, launched_cache) for x in inputs]
     return replayed, launched, counts
 
@@ -144,6 +148,28 @@ def test_a_value_kept_outside_the_recorded_tensors_is_handed_in_before_the_repla
     inputs = inputs[:1] + [inputs[1] * 0.01] * 3
     replayed, launched, _ = run_branching(TapeRecorder(), inputs)
     assert torch.equal(replayed[-1], launched[-1]) and torch.equal(replayed[-1], launched[0])
+
+
+def test_a_value_left_in_the_graphs_memory_for_a_later_call_is_lost():
+    """In a CUDA graph pool nothing survives from one call to the next; the stand-in makes it so (NaN)."""
+    replayed, launched, _ = run_branching(TapeRecorder(), branching_inputs(), kept_in_graph_memory=True)
+    assert any(got.isnan().any() for got in replayed) and torch.equal(replayed[0], launched[0])
+
+
+def test_a_kept_tensor_comes_from_outside_the_recording_whose_capture_is_done_again():
+    recorder, handed_out = TapeRecorder(), []
+
+    def call(graph_pass, x):
+        kept = graph_pass.kept_tensor("kept", x)
+        handed_out.append(kept)
+        kept.copy_(x)
+        return x * 2
+
+    CapturedCalls(recorder).capture(call, (torch.ones(3),), {})
+    allocated = {tensor.data_ptr() for tape in recorder.tapes for tensor in tape.allocated}
+    assert len(handed_out) == 2, "captured again once the kept tensor was known"
+    assert handed_out[0].data_ptr() in allocated, "the first capture's stand-in was graph memory"
+    assert handed_out[1].data_ptr() not in allocated
 
 
 class RecordingCall:
