@@ -22,7 +22,7 @@ the host code's `choose(context)` which alternative a branched stage takes: one 
 decision, everything between decisions replayed. Values that cross from one segment to the next
 live in tensors the graphs hold, so their addresses are the same at every replay. Values that cross
 from one call to a later one (cached residuals) live in tensors kept outside the graphs' memory pool
-(`Recording.kept`): the pool's memory holds nothing from one call to the next, since every graph
+(`Recording.kept_tensor`): the pool's memory holds nothing from one call to the next, since every graph
 sharing it (this call's earlier segments included) may reuse memory freed before it was captured.
 
 The recording and replay themselves are a recorder's: `CudaGraphRecorder` on GPUs; the tests run the
