@@ -101,7 +101,7 @@ def compile_summary(graphs, graph_breaks, inductor_seconds):
 def announce_compile(graph_number):
     """Shown on the sampler node while a graph compiles: the first run at a new size waits for it."""
     report_to_sampler_node(f"Compile FLUX: compiling graph {graph_number} of this process "
-                           "(once per block kind and size class; kept on disk for later runs)...")
+                           "(once per block kind and size class; kept on disk for later runs)...", passing=True)
 
 
 def cuda_graphs_summary(counts: CallCounts, bypass_reason, changed):

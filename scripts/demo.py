@@ -25,8 +25,8 @@ def timed_run(server, title, workflow):
     [image] = entry["outputs"]["save"]["images"]
     print(f"[demo] {title}: {seconds:.1f} s, image output/{image['filename']}")
     for node_id, node_texts in texts.items():
-        for text in node_texts:
-            print(f"[demo]   shown on node '{node_id}': {text}")
+        for line in node_texts[-1].splitlines():  # the editor shows a node's latest text
+            print(f"[demo]   shown on node '{node_id}': {line}")
 
 
 def main():

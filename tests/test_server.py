@@ -55,17 +55,23 @@ def test_first_block_cache_reports_on_the_sampler_node(comfy_server):
 
 
 def run_reports(sampler_texts):
-    """The per-run reports among what the sampler node showed, less Compile FLUX's progress lines."""
-    return sorted(text.split(":")[0] for text in sampler_texts if " compiling graph " not in text)
+    """Whose reports the sampler node shows at the end of the prompt (the editor shows its latest text),
+    with the report lines themselves."""
+    lines = sampler_texts[-1].splitlines()
+    return sorted(line.split(":")[0] for line in lines), lines
 
 
 def compile_progress(sampler_texts):
-    return [text for text in sampler_texts if text.startswith("Compile FLUX: compiling graph ")]
+    """What the sampler node showed while graphs compiled (a passing last line)."""
+    last_lines = [text.splitlines()[-1] for text in sampler_texts]
+    return [line for line in last_lines if line.startswith("Compile FLUX: compiling graph ")]
 
 
 def test_compiled_and_cached_model_reports_both_on_the_sampler_node(comfy_server):
     _, texts = comfy_server.run_showing_node_texts(text_to_image([COMPILE_NODE, FBC_NODE], steps=4, seed=8))
-    assert run_reports(texts["sampler"]) == ["Compile FLUX", "First Block Cache (threshold 0.5)"]
+    reports, lines = run_reports(texts["sampler"])
+    assert reports == ["Compile FLUX", "First Block Cache (threshold 0.5)"]
+    assert all(line in comfy_server.log() for line in lines)
     assert os.path.isdir(os.path.join(COMFYUI_DIR, "user", "fluxaccel", "torch-compile-cache"))
 
 
@@ -78,6 +84,7 @@ def test_compile_shows_progress_while_compiling_and_none_when_warm(comfy_server)
     _, warm = comfy_server.run_showing_node_texts({**workflow, "sampler": {**workflow["sampler"], "inputs": {
         **workflow["sampler"]["inputs"], "seed": 11}}})
     assert compile_progress(cold["sampler"]), "a new size compiles, and says so while it does"
+    assert " compiling graph " not in cold["sampler"][-1], "the run's report replaces the progress line"
     assert compile_progress(warm["sampler"]) == []
     assert warm["sampler"][-1].startswith("Compile FLUX: no graph compiled this run (all shapes seen before)")
 
@@ -88,7 +95,7 @@ def test_compile_alone_serves_a_second_and_third_size(comfy_server):
     for size, seed in ((96, 12), (128, 13), (112, 14)):
         _, texts = comfy_server.run_showing_node_texts(text_to_image([COMPILE_NODE], width=size, height=size,
                                                                      steps=2, seed=seed))
-        assert run_reports(texts["sampler"]) == ["Compile FLUX"], texts["sampler"]
+        assert run_reports(texts["sampler"])[0] == ["Compile FLUX"], texts["sampler"]
 
 
 def test_fp8_compile_and_cache_stack_through_the_real_loader(comfy_server):
@@ -97,7 +104,7 @@ def test_fp8_compile_and_cache_stack_through_the_real_loader(comfy_server):
                                                                  steps=4, seed=9))
     [fp8_report] = texts["accel0"]
     assert fp8_report.startswith("FP8 Dynamic Quantize: 13 linear layers to FP8 (weight-only: cpu has no FP8 tensor cores")
-    assert run_reports(texts["sampler"]) == ["Compile FLUX", "First Block Cache (threshold 0.5)"]
+    assert run_reports(texts["sampler"])[0] == ["Compile FLUX", "First Block Cache (threshold 0.5)"]
 
 
 @pytest.mark.parametrize("stack", [[FP8_NODE, COMPILE_NODE, FBC_NODE],
@@ -218,9 +225,9 @@ def context_parallel_workers(comfy_server):
 def test_context_parallel_stack_reports_on_the_sampler_node_and_keeps_its_workers(comfy_server):
     stack = [FP8_NODE, COMPILE_NODE, FBC_NODE, CONTEXT_PARALLEL_NODE]
     _, texts = comfy_server.run_showing_node_texts(text_to_image(stack, steps=4, seed=15))
-    assert run_reports(texts["sampler"]) == ["Compile FLUX", "Context Parallel (multi-GPU)",
-                                             "First Block Cache (threshold 0.5)"]
-    [report] = [text for text in texts["sampler"] if text.startswith("Context Parallel")]
+    reports, lines = run_reports(texts["sampler"])
+    assert reports == ["Compile FLUX", "Context Parallel (multi-GPU)", "First Block Cache (threshold 0.5)"]
+    [report] = [line for line in lines if line.startswith("Context Parallel")]
     assert report.startswith("Context Parallel (multi-GPU): 2 processes (Ulysses 2 x ring 1); First Block Cache "
                              "took the same 4 decisions on every rank")
     workers = context_parallel_workers(comfy_server)
