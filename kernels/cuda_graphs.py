@@ -228,16 +228,16 @@ class Recording:
     def start(self):
         self._capture = self.recorder.begin()
 
-    def kept_tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """A tensor shaped like `like` whose values a later call reads (a cached residual): kept outside
-        the graphs' memory pool, whose memory any graph may reuse. The first capture of a call only
-        learns the tensors it needs (it gets pool stand-ins) and is then done again with them."""
-        layout = (tuple(like.shape), like.dtype, like.device)
+    def kept_tensor(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """A tensor whose values a later call reads (a cached residual), zeros at first: kept outside the
+        graphs' memory pool, whose memory any graph may reuse. The first capture of a call only learns
+        the tensors it needs (it gets pool stand-ins) and is then done again with them."""
+        layout = (tuple(shape), dtype, torch.device(device))
         tensor = self.kept.get(name)
         if tensor is not None and (tuple(tensor.shape), tensor.dtype, tensor.device) == layout:
             return tensor
         self.missing[name] = layout
-        return torch.empty_like(like)
+        return torch.empty(layout[0], dtype=dtype, device=device)
 
     def on_replay(self, prepare: Callable[[object], None]):
         """Host code that runs before each replay of the call, given its context (copying values
@@ -448,7 +448,7 @@ class CapturedCalls:
         recording = self.record(function, static_args, static_kwargs, kept={})
         if recording.missing:
             # Captured again with the tensors kept across calls allocated now, outside the pool.
-            kept = {name: torch.empty(shape, dtype=dtype, device=device)
+            kept = {name: torch.zeros(shape, dtype=dtype, device=device)
                     for name, (shape, dtype, device) in recording.missing.items()}
             recording = self.record(function, static_args, static_kwargs, kept)
             if recording.missing:

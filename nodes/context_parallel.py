@@ -54,7 +54,8 @@ class ContextParallelRun:
         self.pool = pool
         self.model_patcher = model_patcher
         self.serial = serial
-        # First Block Cache's run on rank 0, when the model has it: the workers mirror its steps.
+        # The cache's run on rank 0 (First Block Cache, Block Cache), when the model has one: the workers
+        # mirror its steps.
         self.cache_run = None
         self.forwards = 0
         self.batch_split_forwards = 0
@@ -69,8 +70,8 @@ class ContextParallelRun:
             return text
         ours = cache_decisions(self.cache_run)
         if any(theirs != ours for theirs in self.pool.ask(CacheDecisions())):
-            raise RuntimeError(f"{NODE_NAME}: First Block Cache decided differently on the ranks; please report this.")
-        return text + f"; First Block Cache took the same {ours[0] + ours[1]} decisions on every rank"
+            raise RuntimeError(f"{NODE_NAME}: {self.cache_run.name} decided differently on the ranks; please report this.")
+        return text + f"; {self.cache_run.name} took the same {ours[0] + ours[1]} decisions on every rank"
 
     @staticmethod
     def graph_signature(transformer_options) -> tuple:
@@ -91,11 +92,12 @@ def replica_key(model_patcher, model_options) -> tuple:
 
 
 def mirrored_behaviours(model_options) -> tuple:
-    """What the workers redo on their replica: (Compile FLUX's settings or None, whether First Block
-    Cache is on, FLUX Attention Backend's backend or None), as ReplicaSpec's last fields."""
+    """What the workers redo on their replica: (Compile FLUX's settings or None, the cache's probe and
+    tail blocks or None, FLUX Attention Backend's backend or None), as ReplicaSpec's last fields."""
     compile_backend = model_options.get(compile_node.BACKEND_KEY)
+    cache_settings = model_options["transformer_options"].get(first_block_cache.SETTINGS_KEY)
     return (None if compile_backend is None else compile_backend.settings,
-            first_block_cache.SETTINGS_KEY in model_options["transformer_options"],
+            None if cache_settings is None else cache_settings.layout,
             attention_backend(model_options))
 
 
@@ -125,9 +127,8 @@ def cache_step(transformer_options, run_serial) -> Optional[CacheStep]:
     run = transformer_options.get(first_block_cache.RUN_KEY)
     if run is None:
         return None
-    settings = transformer_options[first_block_cache.SETTINGS_KEY]
     return CacheStep(run_serial, run.cache.steps_started, run.cache.last_sigma, run.cache.reuse_allowed,
-                     settings.residual_diff_threshold, settings.max_consecutive_hits)
+                     run.cache.policy)
 
 
 def sample_across_ranks(executor, *args, **kwargs):
@@ -273,7 +274,7 @@ class ContextParallel(io.ComfyNode):
                 "a share of the prompt's, and attention runs across them (Ulysses all-to-all over heads, ring "
                 "attention over GPU groups). The output equals one GPU's within rounding. Worker processes "
                 "start on the first run (seconds) and stay for later prompts. Put it last in the chain: "
-                "LoRA, FP8 Dynamic Quantize, Compile FLUX and First Block Cache carry over to every GPU."),
+                "LoRA, FP8 Dynamic Quantize, Compile FLUX and the cache nodes carry over to every GPU."),
             inputs=[
                 io.Model.Input("model", tooltip=flux_layout.MODEL_INPUT_TOOLTIP),
                 io.Int.Input("gpus", default=2, min=1, max=64,

@@ -33,13 +33,13 @@ from ..kernels.context_parallel import (ParallelDegrees, RankGroups, ShardedForw
                                         gather_batch, gather_rows, make_rank_groups, pad_tokens, parallel_attention,
                                         shard_text, splits_batch, token_shard)
 from ..kernels.cuda_graphs import CallCounts, CapturedCalls, CudaGraphRecorder, GraphOrder
-from ..kernels.first_block_cache import FirstBlockCache
+from ..kernels.residual_cache import CachePolicy, ResidualCache
 from ..kernels.regional_compile import shared_inductor_backend
 from ..kernels.tensor_transport import bucket_sizes, from_slots, receive_tensors, tensor_slots, unpack
 from . import first_block_cache, flux_layout
 from .attention import OVERRIDE_KEY as ATTENTION_OVERRIDE_KEY, AttentionOnBackend
 from .compile import fuse_comfy_kitchen_rope
-from .first_block_cache import CacheRun, cache_block_replacements
+from .first_block_cache import CacheLayout, CacheRun, cache_block_replacements
 
 # The per-call transformer_options entries rank 0 passes on: First Block Cache keys its residuals by them.
 CALL_OPTION_KEYS = ("cond_or_uncond", "uuids")
@@ -181,19 +181,18 @@ class ReplicaSpec:
     parameters: dict  # name -> slot, bytes sent after the spec
     buffers: dict
     compile_settings: Optional[tuple]  # (mode, dynamic_shapes) of Compile FLUX
-    first_block_cache: bool
+    block_cache: Optional[CacheLayout]  # First Block Cache's or Block Cache's probe and tail blocks
     attention_backend: Optional[str]  # FLUX Attention Backend's choice
 
 
 @dataclass
 class CacheStep:
-    """Rank 0's First Block Cache state at a forward, for the workers to mirror."""
+    """Rank 0's cache state (First Block Cache or Block Cache) at a forward, for the workers to mirror."""
     run_serial: int
     steps_started: int
     sigma: Optional[float]
     reuse_allowed: bool
-    residual_diff_threshold: float
-    max_consecutive_hits: int
+    policy: CachePolicy
 
 
 @dataclass
@@ -270,7 +269,7 @@ class MirroredCache:
             self.run = None
             return {}
         if self.run is None or self.run_serial != step.run_serial:
-            cache = FirstBlockCache(step.residual_diff_threshold, step.max_consecutive_hits)
+            cache = ResidualCache(step.policy)
             self.run, self.run_serial = CacheRun(cache, start_sigma=float("inf"), end_sigma=0.0), step.run_serial
         if self.run.cache.steps_started != step.steps_started:
             self.run.cache.start_step(step.sigma, step.reuse_allowed)
@@ -305,8 +304,8 @@ class Replica:
 def make_replica(spec: ReplicaSpec, device, receive) -> Replica:
     diffusion_model = build_replica(spec, device, receive)
     options = {}
-    if spec.first_block_cache:
-        replacements = cache_block_replacements(*flux_layout.block_counts(diffusion_model), {})
+    if spec.block_cache is not None:
+        replacements = cache_block_replacements(*flux_layout.block_counts(diffusion_model), spec.block_cache, {})
         options["patches_replace"] = {"dit": replacements}
     if spec.attention_backend is not None:
         options[ATTENTION_OVERRIDE_KEY] = AttentionOnBackend(spec.attention_backend)

@@ -1,9 +1,9 @@
-"""Reading the pack's per-run reports back from the log: First Block Cache's "computed C/N steps,
-reused R/N", Compile FLUX's "N graphs compiled this run" and what its CUDA graphs did."""
+"""Reading the pack's per-run reports back from the log: First Block Cache's and Block Cache's
+"computed C/N steps, reused R/N", Compile FLUX's "N graphs compiled this run" and what its CUDA graphs did."""
 import logging
 import re
 
-SUMMARY_PATTERN = re.compile(r"First Block Cache \(threshold [^)]*\): computed (\d+)/(\d+) steps, reused (\d+)/\d+")
+SUMMARY_PATTERN = re.compile(r"Block Cache \([^)]*\): computed (\d+)/(\d+) steps, reused (\d+)/\d+")
 COMPILE_PATTERN = re.compile(r"Compile FLUX: (?:(\d+) graphs? compiled|no graph compiled)")
 
 

@@ -6,7 +6,7 @@ import comfy.sd
 import nodes
 from cache_reports import parse_cache_report
 from flux_fixtures import tiny_flux_patcher
-from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
+from fluxaccel.nodes.first_block_cache import ApplyBlockCache, ApplyFirstBlockCache
 
 
 def conditioning(tokens=6, width=32, seed=0, guidance=3.5):
@@ -54,6 +54,12 @@ def with_lora(model, lora, strength):
 
 def with_cache(model, threshold, start_percent=0.0, end_percent=1.0, max_consecutive_hits=0):
     return ApplyFirstBlockCache.execute(model, threshold, start_percent, end_percent, max_consecutive_hits).result[0]
+
+
+def with_block_cache(model, threshold, taylor_order=1, start_percent=0.0, end_percent=1.0, max_consecutive_hits=0,
+                     probe_blocks=1, tail_blocks=0, every_n_steps=0):
+    return ApplyBlockCache.execute(model, threshold, taylor_order, start_percent, end_percent, max_consecutive_hits,
+                                   probe_blocks, tail_blocks, every_n_steps).result[0]
 
 
 def pytorch_attention(attention_function, *args, **kwargs):

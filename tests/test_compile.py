@@ -284,8 +284,8 @@ def test_first_block_cache_replays_its_graph_segments_as_launched_bit_for_bit(fp
         assert cache_summaries(caplog_info)[-1] == expected_steps
     calls = 8 if conds == "batched" else 16
     assert cuda_graph_reports(caplog_info)[-1].startswith(
-        f"{calls} of {calls} model calls replayed from CUDA graphs ({3 * calls} graph segments, split where Apply "
-        "First Block Cache decides")
+        f"{calls} of {calls} model calls replayed from CUDA graphs ({3 * calls} graph segments, split where First "
+        "Block Cache decides")
 
 
 @needs_cuda

@@ -25,8 +25,8 @@ from fluxaccel.nodes.compile import CompileFlux
 from fluxaccel.nodes.context_parallel import ContextParallel
 from conftest import COMFYUI_DIR
 from fluxaccel.nodes.context_parallel_pool import WORKER_SCRIPT, WorkerFailed, rendezvous_port
-from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, tiny_lora, with_cache,
-                              with_lora)
+from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, tiny_lora,
+                              with_block_cache, with_cache, with_lora)
 from test_fp8_quantize import quantized
 
 # fp32 sums in another order across ranks: far below anything visible, far above a wrong shard.
@@ -127,6 +127,25 @@ def test_first_block_cache_takes_the_same_decisions_on_every_rank(caplog_info):
         assert cache_summaries(caplog_info)[-1] == expected_steps
         assert context_parallel_reports(caplog_info)[-1].endswith(
             "First Block Cache took the same 10 decisions on every rank")
+
+
+@pytest.mark.parametrize("cfg_parallel", [False, pytest.param(True, marks=needs_ranks(4))])
+def test_block_cache_predicts_and_decides_alike_on_every_rank(cfg_parallel, caplog_info):
+    """Probe blocks ending in a single block, a tail from the double blocks, Taylor order 2 and padded shares."""
+    model = tiny_flux_patcher()
+    positive, negative = conditioning(tokens=7, seed=1), conditioning(tokens=7, seed=2)
+
+    def cached(stack):
+        return with_block_cache(stack, REUSING_THRESHOLD, 2, probe_blocks=3, tail_blocks=1)
+
+    expected = ksample(cached(model), positive, negative, cfg=3.0, size=40, steps=10)
+    expected_steps = cache_summaries(caplog_info)[-1]
+    assert 0 < expected_steps[2] < 10
+    actual = ksample(across(cached(model), 4 if cfg_parallel else 2, cfg_parallel=cfg_parallel), positive, negative,
+                     cfg=3.0, size=40, steps=10)
+    assert relative_error(actual, expected) < SAME_AS_ONE_PROCESS
+    assert cache_summaries(caplog_info)[-1] == expected_steps
+    assert context_parallel_reports(caplog_info)[-1].endswith("Block Cache took the same 10 decisions on every rank")
 
 
 def test_workers_stay_for_the_next_prompt_and_take_a_new_lora():

@@ -16,7 +16,8 @@ from fluxaccel.nodes.compile import CUDA_GRAPHS_KEY, CompileFlux, use_cuda_graph
 from fluxaccel.nodes.context_parallel import ContextParallel
 from fluxaccel.nodes.first_block_cache import COMPUTE, REUSE
 from graph_stand_in import TapeRecorder
-from ksampler_helpers import cache_summaries, conditioning, gpu_like_flux, ksample, tiny_lora, with_cache, with_lora
+from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, tiny_lora, with_block_cache,
+                              with_cache, with_lora)
 from test_compile import cuda_graph_reports, launched_one_by_one as launched, recording_blocks
 
 REUSING_THRESHOLD = 0.8
@@ -51,8 +52,8 @@ def test_segments_replay_the_launched_cached_run_bit_for_bit(caplog_info):
         assert torch.equal(ksample(replaying, steps=8), expected)
         assert cache_summaries(caplog_info)[-1] == expected_steps
     first, second = cuda_graph_reports(caplog_info)[-2:]
-    assert first == ("6 of 8 model calls replayed from CUDA graphs (18 graph segments, split where Apply First Block "
-                     "Cache decides; 1 call captured, in 4 segments)")
+    assert first == ("6 of 8 model calls replayed from CUDA graphs (18 graph segments, split where First Block Cache "
+                     "decides; 1 call captured, in 4 segments)")
     assert second.startswith("8 of 8 model calls replayed from CUDA graphs (24 graph segments")
     assert recorder.replays == 6 * 3 + 8 * 3
 
@@ -90,6 +91,34 @@ def test_cache_window_and_hit_limit_keep_their_meaning(window, caplog_info):
         assert torch.equal(ksample(replaying, steps=10), expected)
         assert cache_summaries(caplog_info)[-1] == expected_steps
     assert cuda_graph_reports(caplog_info)[-1].startswith("10 of 10 model calls replayed")
+
+
+@pytest.mark.parametrize("order, probe_blocks, tail_blocks, every_n_steps", [
+    (1, 1, 0, 0), (2, 2, 1, 0), (2, 1, 3, 0), (1, 3, 1, 0), (2, 1, 0, 2)])
+@pytest.mark.parametrize("conds", ["batched", "one call each"])
+def test_block_cache_replays_the_launched_run_bit_for_bit(order, probe_blocks, tail_blocks, every_n_steps, conds,
+                                                          caplog_info):
+    """Taylor predictions (their coefficients filled in by the host between graphs), probe blocks ending in
+    a double or a single block, tails starting in either, and the fixed schedule."""
+    model = gpu_like_flux()
+    if conds == "one call each":
+        model.model.memory_usage_factor = 1e12
+
+    def cached(stack):
+        return with_block_cache(stack, 0.5, order, probe_blocks=probe_blocks, tail_blocks=tail_blocks,
+                                every_n_steps=every_n_steps)
+
+    expected = ksample(cached(launched(model)), steps=10, cfg=2.0)
+    expected_steps = cache_summaries(caplog_info)[-1]
+    assert 0 < expected_steps[2] < 10
+    replaying = cached(graphs_of(model, TapeRecorder()))
+    for _ in range(2):
+        assert torch.equal(ksample(replaying, steps=10, cfg=2.0), expected)
+        assert cache_summaries(caplog_info)[-1] == expected_steps
+    calls = 10 if conds == "batched" else 20
+    assert cuda_graph_reports(caplog_info)[-1].startswith(
+        f"{calls} of {calls} model calls replayed from CUDA graphs ({3 * calls} graph segments, split where Block Cache "
+        "decides")
 
 
 def test_zero_threshold_replays_the_uncached_model_bit_for_bit():

@@ -91,7 +91,7 @@ def branching_call(graph_pass, x, cache, kept_in_graph_memory=False):
     head = torch.tanh(x) * 2
     measure = head.abs().sum()
     if isinstance(graph_pass, Recording):
-        kept = torch.empty_like(head) if kept_in_graph_memory else graph_pass.kept_tensor("kept", head)
+        kept = torch.empty_like(head) if kept_in_graph_memory else graph_pass.kept_tensor("kept", head.shape, head.dtype, head.device)
 
         def choose(context):
             full = measure.item() > context["limit"]
@@ -160,7 +160,7 @@ def test_a_kept_tensor_comes_from_outside_the_recording_whose_capture_is_done_ag
     recorder, handed_out = TapeRecorder(), []
 
     def call(graph_pass, x):
-        kept = graph_pass.kept_tensor("kept", x)
+        kept = graph_pass.kept_tensor("kept", x.shape, x.dtype, x.device)
         handed_out.append(kept)
         kept.copy_(x)
         return x * 2

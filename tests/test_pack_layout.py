@@ -14,7 +14,7 @@ spec = importlib.util.spec_from_file_location("pack", sys.argv[1] + "/__init__.p
 pack = importlib.util.module_from_spec(spec)
 sys.modules["pack"] = pack
 spec.loader.exec_module(pack)
-import pack.kernels.first_block_cache
+import pack.kernels.residual_cache
 import pack.kernels.regional_compile
 import pack.kernels.fp8
 assert callable(pack.comfy_entrypoint)

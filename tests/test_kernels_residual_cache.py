@@ -1,9 +1,11 @@
-"""The First Block Cache decision and store, without ComfyUI."""
+"""The cache's decisions, store and predictions (First Block Cache, Block Cache), without ComfyUI."""
 import pytest
 import torch
 
-from fluxaccel.kernels.first_block_cache import (
-    FirstBlockCache,
+from fluxaccel.kernels.residual_cache import (
+    CachePolicy,
+    PredictionState,
+    ResidualCache,
     RowStore,
     absolute_difference_sums,
     relative_l1_distance,
@@ -33,13 +35,13 @@ def test_row_store_keeps_each_conditioning_apart():
     assert not store.has(["other"])
 
 
-def seeded_cache(threshold=0.1, max_consecutive_hits=0):
-    cache = FirstBlockCache(threshold, max_consecutive_hits)
+def seeded_cache(threshold=0.1, max_consecutive_hits=0, **policy):
+    cache = ResidualCache(CachePolicy(threshold, max_consecutive_hits, **policy))
     residual = torch.ones(1, 4, 3)
     cache.start_step(sigma=1.0, reuse_allowed=True)
     assert not cache.should_reuse(["c"], residual), "nothing cached yet"
-    cache.store_first_residual(["c"], residual)
-    cache.store_remaining_residual(["c"], torch.full((1, 6, 3), 5.0))
+    cache.store_probe_residual(["c"], residual)
+    cache.store_computed_residual(["c"], torch.full((1, 6, 3), 5.0))
     return cache, residual
 
 
@@ -55,8 +57,8 @@ def test_reuses_below_threshold_and_computes_above():
 
 def test_step_decision_is_shared_by_every_call_of_the_step():
     cache, residual = seeded_cache()
-    cache.store_first_residual(["u"], residual)
-    cache.store_remaining_residual(["u"], torch.zeros(1, 6, 3))
+    cache.store_probe_residual(["u"], residual)
+    cache.store_computed_residual(["u"], torch.zeros(1, 6, 3))
     cache.start_step(sigma=0.9, reuse_allowed=True)
     assert cache.should_reuse(["c"], residual)
     assert cache.should_reuse(["u"], residual * 100), "the uncond call follows the step's decision"
@@ -98,3 +100,54 @@ def test_reduce_sums_makes_the_decision_global():
     assert not cache.should_reuse(["c"], residual, reduce_sums=lambda sums: sums + other_rank_sums), \
         "the other rank's large change must veto reuse"
     assert cache.distances == pytest.approx([10.0 / 13.0])
+
+
+def test_every_n_steps_computes_every_nth_step_without_measuring():
+    cache, residual = seeded_cache(threshold=0.0, every_n_steps=3)
+    decisions = []
+    for sigma in (0.9, 0.8, 0.7, 0.6, 0.5):
+        cache.start_step(sigma, reuse_allowed=True)
+        decisions.append(cache.should_reuse(["c"], residual * 100))
+    assert decisions == [True, True, False, True, True] and cache.distances == []
+
+
+def taylor_cache(order):
+    """A cache whose key "c" computed R(s) = s^2 at sigmas 1.0, 0.8, 0.7 (a quadratic in sigma)."""
+    cache = ResidualCache(CachePolicy(0.5, prediction_order=order))
+    for sigma in (1.0, 0.8, 0.7):
+        cache.start_step(sigma, reuse_allowed=False)
+        cache.should_reuse(["c"], torch.ones(1, 2))
+        cache.store_probe_residual(["c"], torch.ones(1, 2))
+        cache.store_computed_residual(["c"], torch.full((1, 2, 3), sigma ** 2))
+    cache.start_step(0.5, reuse_allowed=True)
+    return cache
+
+
+@pytest.mark.parametrize("order, expected", [(0, 0.49), (1, 0.49 - 0.2 * 1.5), (2, 0.25)])
+def test_taylor_orders_extrapolate_the_stored_residuals_in_sigma(order, expected):
+    """Order 0 reuses R(0.7); order 1 steps along the last slope (R(0.7) - R(0.8)) / (0.7 - 0.8) = 1.5;
+    order 2 is exact for a quadratic: R(0.5) = 0.25."""
+    cache = taylor_cache(order)
+    assert cache.should_reuse(["c"], torch.ones(1, 2))
+    torch.testing.assert_close(cache.predicted_residual(["c"], "cpu"), torch.full((1, 2, 3), expected))
+
+
+def test_taylor_terms_wait_for_enough_computed_steps():
+    cache = ResidualCache(CachePolicy(0.5, prediction_order=2))
+    cache.start_step(1.0, reuse_allowed=False)
+    cache.store_computed_residual(["c"], torch.full((1, 2, 3), 1.0))
+    cache.start_step(0.5, reuse_allowed=True)
+    torch.testing.assert_close(cache.predicted_residual(["c"], "cpu"), torch.full((1, 2, 3), 1.0))
+    coefficients = cache.prediction_coefficients(["c", "u"], 2, "cpu")
+    assert coefficients.flatten().tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_a_captured_forwards_tensors_receive_what_launched_calls_stored_and_zeros_where_none():
+    cache = taylor_cache(2)
+    probe_references = torch.full((2, 2), float("nan"))
+    state = PredictionState(*(torch.full((2, 2, 3), float("nan")) for _ in range(3)))
+    cache.copy_stored_into(["c", "new"], probe_references, state)
+    assert torch.equal(state.residual[0], torch.full((2, 3), 0.49)) and state.residual[1].isnan().all()
+    assert torch.equal(state.slope[1], torch.zeros(2, 3)) and torch.equal(state.curvature[1], torch.zeros(2, 3)), \
+        "a key without history contributes 0, not 0 * NaN"
+    assert torch.equal(probe_references[0], torch.ones(2))
