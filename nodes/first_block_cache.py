@@ -460,9 +460,11 @@ class ApplyBlockCache(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip=flux_layout.MODEL_INPUT_TOOLTIP),
                 io.Float.Input(
-                    "residual_diff_threshold", default=0.12, min=0.0, max=1.0, step=0.01,
+                    "residual_diff_threshold", default=0.22, min=0.0, max=1.0, step=0.01,
                     tooltip=("Relative change of the probe blocks' residual below which a step is skipped. Higher "
-                             "skips more steps (faster) and drifts further from the uncached image; 0 never skips.")),
+                             "skips more steps (faster) and drifts further from the uncached image; 0 never skips. "
+                             "The default with Taylor order 1 skips more steps than First Block Cache's default at "
+                             "no lower fidelity (docs/FIDELITY.md).")),
                 io.Int.Input(
                     "taylor_order", default=1, min=0, max=2,
                     tooltip=("How a skipped step predicts the middle blocks' residual: 0 reuses the last one (First "

@@ -1,10 +1,11 @@
-"""How far First Block Cache moves FLUX's images from the uncached ones, measured on a trained FLUX.
+"""How far First Block Cache and Block Cache move FLUX's images from the uncached ones, on a trained FLUX.
 
 Library and CLI. The model is tests/assets/tiny_flux_shapes.safetensors (scripts/train_tiny_flux.py):
 a small FLUX of ComfyUI's own classes, trained to draw the shape, colour and position its prompt
 asks for. Every image comes from ComfyUI's real KSampler node on a real ModelPatcher, with and
-without the pack's ApplyFirstBlockCache node; the share of skipped steps is read from the node's
-own log report ("computed C/N steps, reused R/N").
+without the pack's cache nodes (Apply First Block Cache; Apply Block Cache with its Taylor orders,
+probe and tail blocks and fixed schedules); the share of skipped steps is read from the node's own
+log report ("computed C/N steps, reused R/N").
 
 Metrics compare a cached latent with the uncached latent of the same prompt and seed, in the
 latent space KSampler returns (16 channels; no VAE is involved):
@@ -13,8 +14,8 @@ latent space KSampler returns (16 channels; no VAE is involved):
 - no LPIPS: no usable offline LPIPS package is available here, and its weights would have to be
   downloaded.
 
-    python scripts/fidelity.py                # prints the curve
-    python scripts/fidelity.py --write-docs   # and writes docs/FIDELITY.md
+    python scripts/fidelity.py                # prints the curve and the Block Cache table
+    python scripts/fidelity.py --write-docs   # and writes docs/FIDELITY.md and its raw JSON in docs/results
 """
 import argparse
 import dataclasses
@@ -40,7 +41,20 @@ from train_tiny_flux import ALL_CONDITIONS, COLOURS, POSITIONS, SHAPES, Conditio
 
 DEFAULT_WEIGHTS = os.path.join(PACK_DIR, "tests", "assets", "tiny_flux_shapes.safetensors")
 DOCS_PATH = os.path.join(PACK_DIR, "docs", "FIDELITY.md")
+RESULTS_DIR = os.path.join(PACK_DIR, "docs", "results")
 DEFAULT_THRESHOLDS = (0.02, 0.04, 0.06, 0.08, 0.10, 0.12, 0.15, 0.2, 0.25, 0.3)
+# Block Cache's table: thresholds x Taylor orders x (probe, tail) layouts, and fixed schedules.
+BLOCK_CACHE_THRESHOLDS = (0.08, 0.12, 0.16, 0.2, 0.22, 0.24, 0.28)
+TAYLOR_ORDERS = (0, 1, 2)
+BLOCK_CACHE_LAYOUTS = ((1, 0), (2, 0), (1, 1), (2, 1))
+FIXED_SCHEDULES = (2, 3)
+# A Block Cache setting must beat First Block Cache's default by one of these on the table's cases:
+# as many more steps skipped at its PSNR, or as many dB closer at its share of skipped steps.
+BAR_SKIP_RATIO = 1.3
+BAR_PSNR_GAIN_DB = 6.0
+# Orders whose PSNR differs by less than this count as a tie: the lower order extrapolates less far
+# from measured residuals, the safer choice on models less smooth than this one.
+ORDER_TIE_DB = 1.0
 DEFAULT_SEEDS = (0, 1)
 DEFAULT_CONDITION_COUNT = 6
 STEPS = 28
@@ -165,13 +179,41 @@ def ksample(patcher, condition: Condition, seed, world: ShapesWorld, steps=STEPS
     return out["samples"][0]
 
 
-def with_first_block_cache(patcher, threshold):
-    """The pack's node with this threshold and its defaults for everything else."""
-    from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
+@dataclasses.dataclass(frozen=True)
+class CacheSetting:
+    """One configuration of the pack's cache nodes: Apply First Block Cache at a threshold (block_cache
+    false), or Apply Block Cache; inputs not named here keep the node's defaults."""
+    threshold: float
+    block_cache: bool = False
+    taylor_order: int = 0
+    probe_blocks: int = 1
+    tail_blocks: int = 0
+    every_n_steps: int = 0
 
-    defaults = {i.id: i.default for i in ApplyFirstBlockCache.define_schema().inputs if i.id != "model"}
-    defaults["residual_diff_threshold"] = threshold
-    return ApplyFirstBlockCache.execute(patcher, **defaults).result[0]
+    def applied_to(self, patcher):
+        from fluxaccel.nodes.first_block_cache import ApplyBlockCache, ApplyFirstBlockCache
+
+        node = ApplyBlockCache if self.block_cache else ApplyFirstBlockCache
+        inputs = {i.id: i.default for i in node.define_schema().inputs if i.id != "model"}
+        inputs["residual_diff_threshold"] = self.threshold
+        if self.block_cache:
+            inputs.update(taylor_order=self.taylor_order, probe_blocks=self.probe_blocks, tail_blocks=self.tail_blocks,
+                          every_n_steps=self.every_n_steps)
+        return node.execute(patcher, **inputs).result[0]
+
+    def describe(self) -> str:
+        if not self.block_cache:
+            return f"First Block Cache {self.threshold:.2f}"
+        decision = f"every {self.every_n_steps} steps" if self.every_n_steps else f"{self.threshold:.2f}"
+        return f"F{self.probe_blocks}B{self.tail_blocks}, order {self.taylor_order}, {decision}"
+
+
+def block_cache_settings():
+    """The Block Cache table's settings (see BLOCK_CACHE_THRESHOLDS and the lines after it)."""
+    settings = [CacheSetting(threshold, True, order, probe, tail) for probe, tail in BLOCK_CACHE_LAYOUTS
+                for order in TAYLOR_ORDERS for threshold in BLOCK_CACHE_THRESHOLDS]
+    return settings + [CacheSetting(0.0, True, order, every_n_steps=every) for every in FIXED_SCHEDULES
+                       for order in TAYLOR_ORDERS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,21 +254,30 @@ def spread_conditions(count):
 
 @dataclasses.dataclass(frozen=True)
 class CurvePoint:
-    threshold: float
+    setting: CacheSetting
     skipped_fraction: float  # mean over cases of reused / total steps
     mean_psnr: float
     min_psnr: float
     mean_ssim: float
     cases: int
 
+    @property
+    def threshold(self) -> float:
+        return self.setting.threshold
+
     def qualifies(self) -> bool:
         return self.skipped_fraction >= MIN_SKIPPED_FRACTION and self.mean_psnr >= MIN_MEAN_PSNR_DB
 
+    def as_json(self) -> dict:
+        return {**dataclasses.asdict(self.setting), "skipped_fraction": round(self.skipped_fraction, 4),
+                "mean_psnr_db": round(self.mean_psnr, 2), "min_psnr_db": round(self.min_psnr, 2),
+                "mean_ssim": round(self.mean_ssim, 5), "cases": self.cases}
 
-def sample_cached(patcher, threshold, condition, seed, world, steps):
+
+def sample_cached(patcher, setting: CacheSetting, condition, seed, world, steps):
     """(latent, skipped fraction) of one cached run, the fraction read from the node's log report."""
     with CacheReportRecorder() as recorder:
-        latent = ksample(with_first_block_cache(patcher, threshold), condition, seed, world, steps)
+        latent = ksample(setting.applied_to(patcher), condition, seed, world, steps)
     [(computed, total, reused)] = recorder.reports
     if total != steps or computed + reused != total:
         raise AssertionError(f"unexpected cache report {computed}/{total}, {reused}/{total} for {steps} steps")
@@ -242,8 +293,9 @@ def reference_samples(model: ShapesModel, cases, steps=STEPS):
     return {case: ksample(model.patcher, *case, model.world, steps) for case in cases}
 
 
-def cache_curve(thresholds, seeds, conditions, steps=STEPS, model: ShapesModel = None, references=None, log=None):
-    """For each threshold: skipped share of steps, PSNR (mean, min) and mean SSIM against the uncached images.
+def cache_curve(settings, seeds, conditions, steps=STEPS, model: ShapesModel = None, references=None, log=None):
+    """For each setting (a CacheSetting, or a First Block Cache threshold): skipped share of steps, PSNR
+    (mean, min) and mean SSIM against the uncached images.
 
     Every (condition, seed) pair is one case; its uncached reference is sampled once (or passed in
     `references`, as `reference_samples` gives them).
@@ -252,14 +304,15 @@ def cache_curve(thresholds, seeds, conditions, steps=STEPS, model: ShapesModel =
     cases = cases_of(conditions, seeds)
     references = references if references is not None else reference_samples(model, cases, steps)
     points = []
-    for threshold in thresholds:
+    for setting in settings:
+        setting = setting if isinstance(setting, CacheSetting) else CacheSetting(setting)
         skipped, psnrs, ssims = [], [], []
         for case in cases:
-            latent, fraction = sample_cached(model.patcher, threshold, *case, model.world, steps)
+            latent, fraction = sample_cached(model.patcher, setting, *case, model.world, steps)
             skipped.append(fraction)
             psnrs.append(psnr(latent, references[case]))
             ssims.append(ssim(latent, references[case]))
-        point = CurvePoint(threshold, statistics.fmean(skipped), statistics.fmean(psnrs), min(psnrs),
+        point = CurvePoint(setting, statistics.fmean(skipped), statistics.fmean(psnrs), min(psnrs),
                            statistics.fmean(ssims), len(cases))
         points.append(point)
         if log:
@@ -277,6 +330,32 @@ def recommended_threshold(points):
     return max(candidates, key=lambda p: (p.skipped_fraction, p.threshold)).threshold
 
 
+def recommended_block_cache(points, reference: CurvePoint):
+    """Block Cache's default: on the first block alone (F1B0, as cheap per step as First Block Cache on
+    any model), thresholded, the setting that skips most steps at a mean PSNR no lower than First Block
+    Cache's default (`reference`); ties in skipping go to the higher PSNR, then to the lower order
+    when within ORDER_TIE_DB."""
+    candidates = [p for p in points if p.setting.block_cache and not p.setting.every_n_steps
+                  and (p.setting.probe_blocks, p.setting.tail_blocks) == (1, 0) and p.mean_psnr >= reference.mean_psnr]
+    if not candidates:
+        return None
+    most = max(p.skipped_fraction for p in candidates)
+    tied = [p for p in candidates if p.skipped_fraction == most]
+    best = max(p.mean_psnr for p in tied)
+    return min((p for p in tied if p.mean_psnr >= best - ORDER_TIE_DB),
+               key=lambda p: (p.setting.taylor_order, -p.mean_psnr))
+
+
+def bar_check(points, reference: CurvePoint):
+    """How the best Block Cache settings compare with First Block Cache's default (`reference`):
+    (most skipped at its PSNR or better, best PSNR at its skipped share or more), each a CurvePoint or None."""
+    block = [p for p in points if p.setting.block_cache]
+    as_faithful = [p for p in block if p.mean_psnr >= reference.mean_psnr]
+    as_fast = [p for p in block if p.skipped_fraction >= reference.skipped_fraction]
+    return (max(as_faithful, key=lambda p: (p.skipped_fraction, p.mean_psnr), default=None),
+            max(as_fast, key=lambda p: (p.mean_psnr, p.skipped_fraction), default=None))
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 
@@ -285,7 +364,8 @@ def format_db(value):
 
 
 def format_row(point: CurvePoint):
-    return (f"| {point.threshold:.2f} | {100 * point.skipped_fraction:.1f} % | {format_db(point.mean_psnr)} | "
+    first_cell = point.setting.describe() if point.setting.block_cache else f"{point.threshold:.2f}"
+    return (f"| {first_cell} | {100 * point.skipped_fraction:.1f} % | {format_db(point.mean_psnr)} | "
             f"{format_db(point.min_psnr)} | {point.mean_ssim:.4f} | {'yes' if point.qualifies() else 'no'} |")
 
 
@@ -323,14 +403,63 @@ def pack_revision(pack_dir):
     return f"commit {commit}"
 
 
-def render_docs(points, model: ShapesModel, command, recognition, conditions, seeds, steps, seconds, pack_dir=PACK_DIR):
+def block_cache_section(block_points, reference: CurvePoint, results_name):
+    """FIDELITY.md's Block Cache part: the table, the comparison with First Block Cache's default, the default."""
+    as_faithful, as_fast = bar_check(block_points, reference)
+    default = recommended_block_cache(block_points, reference)
+    thresholds = ", ".join(f"{t:.2f}" for t in BLOCK_CACHE_THRESHOLDS)
+    lines = [
+        "## Block Cache",
+        "",
+        "Apply Block Cache on the same cases: Taylor orders 0, 1, 2 (order 0 reuses the stored residual, as First "
+        "Block Cache does), probe/tail layouts " + ", ".join(f"F{p}B{t}" for p, t in BLOCK_CACHE_LAYOUTS)
+        + f" at thresholds {thresholds}, and fixed schedules computing every "
+        + " or ".join(f"{n}th" if n > 2 else f"{n}nd" for n in FIXED_SCHEDULES) + " step (F1B0). "
+        f"Raw JSON: [docs/results/{results_name}](results/{results_name}).",
+        "",
+        "| setting | skipped steps | mean PSNR (dB) | min PSNR (dB) | mean SSIM | qualifies |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *[format_row(p) for p in block_points],
+        "",
+        "### Against First Block Cache's default",
+        "",
+        f"First Block Cache {reference.threshold:.2f} (its default): {100 * reference.skipped_fraction:.1f} % of the "
+        f"steps skipped at a mean PSNR of {reference.mean_psnr:.1f} dB on these cases.",
+    ]
+    if as_faithful is not None:
+        lines.append(f"- At that PSNR or better, the setting that skips most is {as_faithful.setting.describe()}: "
+                     f"{100 * as_faithful.skipped_fraction:.1f} % skipped "
+                     f"({as_faithful.skipped_fraction / reference.skipped_fraction:.2f}x), {as_faithful.mean_psnr:.1f} dB.")
+    if as_fast is not None:
+        lines.append(f"- At that share of skipped steps or more, the most faithful is {as_fast.setting.describe()}: "
+                     f"{as_fast.mean_psnr:.1f} dB ({as_fast.mean_psnr - reference.mean_psnr:+.1f} dB), "
+                     f"{100 * as_fast.skipped_fraction:.1f} % skipped.")
+    met = ((as_faithful is not None and as_faithful.skipped_fraction >= BAR_SKIP_RATIO * reference.skipped_fraction)
+           or (as_fast is not None and as_fast.mean_psnr >= reference.mean_psnr + BAR_PSNR_GAIN_DB))
+    lines += [f"- The bar (at least {BAR_SKIP_RATIO}x the skipped steps at that PSNR, or at least "
+              f"{BAR_PSNR_GAIN_DB:.0f} dB closer at that share): {'met' if met else 'not met'}.", ""]
+    lines += ["### Block Cache's default", ""]
+    if default is None:
+        lines.append("No F1B0 setting reaches First Block Cache's default PSNR.")
+    else:
+        lines.append(f"**{default.setting.describe()}** ({100 * default.skipped_fraction:.1f} % skipped, "
+                     f"{default.mean_psnr:.1f} dB): on the first block alone (F1B0: as cheap per step as First Block "
+                     "Cache on any model), thresholded, the setting that skips most steps at a mean PSNR no lower than "
+                     f"First Block Cache's default; ties go to the higher PSNR, then to the lower order within "
+                     f"{ORDER_TIE_DB:.0f} dB (it extrapolates less far from measured residuals). tests/test_fidelity.py "
+                     "asserts the node's default on seeds held out from this table.")
+    return lines
+
+
+def render_docs(points, model: ShapesModel, command, recognition, conditions, seeds, steps, seconds, pack_dir=PACK_DIR,
+                block_points=(), results_name=None):
     recommended = recommended_threshold(points)
     qualifying = [f"{p.threshold:.2f}" for p in points if p.qualifies()]
     hits, total = recognition
     lines = [
-        "# First Block Cache fidelity",
+        "# First Block Cache and Block Cache fidelity",
         "",
-        "How far Apply First Block Cache moves FLUX's sampled images from the uncached ones, per threshold.",
+        "How far Apply First Block Cache and Apply Block Cache move FLUX's sampled images from the uncached ones.",
         "Generated by `scripts/fidelity.py`; every number below is measured by that run.",
         "",
         f"- Command: `{command}`",
@@ -339,8 +468,9 @@ def render_docs(points, model: ShapesModel, command, recognition, conditions, se
         f"- Model: `{os.path.relpath(model.path, PACK_DIR)}`, {model.describe()}.",
         f"- Sampling: ComfyUI's KSampler node, {steps} steps, Euler, scheduler \"simple\", cfg 1.0, FLUX guidance "
         f"{model.metadata['guidance']} in the conditioning, 16-channel latents.",
-        f"- Cache: the pack's Apply First Block Cache node ({pack_revision(pack_dir)}) at each threshold, its other "
-        f"inputs at their defaults; skipped share of steps from the node's own log report.",
+        f"- Cache: the pack's Apply First Block Cache node ({pack_revision(pack_dir)}) at each threshold, and its "
+        "Apply Block Cache node at each setting of the table below; inputs not named at their defaults; skipped "
+        "share of steps from the nodes' own log reports.",
         f"- Cases: {len(conditions)} prompts x {len(seeds)} seeds (seeds {', '.join(map(str, seeds))}): "
         + "; ".join(f'"{c.prompt()}"' for c in conditions) + ".",
         f"- The model draws what it is asked: {hits}/{total} uncached samples have the asked prompt's drawing as "
@@ -367,6 +497,10 @@ def render_docs(points, model: ShapesModel, command, recognition, conditions, se
                      f"skips most, preferring FLUX.1-dev's usual range {FLUX_DEV_PRACTICE[0]}-{FLUX_DEV_PRACTICE[1]} "
                      "when a threshold there qualifies. tests/test_fidelity.py asserts the criterion at the node's "
                      "default, on seeds held out from this table.")
+    if block_points:
+        [reference] = [p for p in points if p.threshold == node_default_threshold()] or [None]
+        lines += [""] + (block_cache_section(block_points, reference, results_name) if reference is not None else
+                         ["First Block Cache's default threshold is not on the curve: no Block Cache comparison."])
     smallest = min(points, key=lambda p: p.threshold)
     if smallest.skipped_fraction >= 0.9:
         lines += ["", f"Warning: even the smallest threshold ({smallest.threshold:.2f}) skips nearly every step. On a "
@@ -380,17 +514,43 @@ def render_docs(points, model: ShapesModel, command, recognition, conditions, se
         "pretrained network weights that would have to be downloaded.",
         "- The metrics compare latents, not decoded pixels: the model is a 16-channel latent model with no VAE.",
         "- The model is small and trained on simple drawings, so its residuals change more smoothly between steps "
-        "than FLUX.1-dev's may; the curve shows the node's behaviour on a trained FLUX of ComfyUI's own classes, "
-        "not FLUX.1-dev's exact numbers.",
+        "than FLUX.1-dev's may (which favours Taylor predictions); the curves show the nodes' behaviour on a trained "
+        "FLUX of ComfyUI's own classes, not FLUX.1-dev's exact numbers.",
+        "- The skipped share is not the speed-up: each step still runs the probe and tail blocks (on this 6-block "
+        "model F2B1 runs half the blocks of a skipped step; on FLUX.1-dev's 57, 3).",
         "",
     ]
     return "\n".join(lines)
 
 
+def node_default_threshold():
+    from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
+
+    [threshold] = [i.default for i in ApplyFirstBlockCache.define_schema().inputs if i.id == "residual_diff_threshold"]
+    return threshold
+
+
+def results_json(points, block_points, model: ShapesModel, command, conditions, seeds, steps):
+    reference = next(p for p in points if p.threshold == node_default_threshold())
+    default = recommended_block_cache(block_points, reference)
+    as_faithful, as_fast = bar_check(block_points, reference)
+    return {
+        "command": command, "device": device_description(), "model": model.describe(),
+        "cases": {"prompts": [c.prompt() for c in conditions], "seeds": list(seeds), "steps": steps},
+        "first_block_cache": [p.as_json() for p in points],
+        "block_cache": [p.as_json() for p in block_points],
+        "first_block_cache_default": reference.as_json(),
+        "block_cache_default": None if default is None else default.as_json(),
+        "most_skipped_at_first_block_cache_default_psnr": None if as_faithful is None else as_faithful.as_json(),
+        "best_psnr_at_first_block_cache_default_skipping": None if as_fast is None else as_fast.as_json(),
+    }
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="First Block Cache fidelity curve on the trained tiny FLUX.")
+    parser = argparse.ArgumentParser(description="First Block Cache and Block Cache fidelity on the trained tiny FLUX.")
     parser.add_argument("--write-docs", action="store_true", help=f"write {os.path.relpath(DOCS_PATH, PACK_DIR)}")
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
+    parser.add_argument("--no-block-cache", action="store_true", help="only First Block Cache's curve")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--conditions", type=int, default=DEFAULT_CONDITION_COUNT, help="how many prompts")
     parser.add_argument("--steps", type=int, default=STEPS)
@@ -411,10 +571,18 @@ def main(argv=None):
     print("| threshold | skipped steps | mean PSNR (dB) | min PSNR (dB) | mean SSIM | qualifies |")
     points = cache_curve(args.thresholds, args.seeds, conditions, args.steps, model, references, log=print)
     print(f"recommended default: {recommended_threshold(points)}")
+    block_points = [] if args.no_block_cache else cache_curve(block_cache_settings(), args.seeds, conditions,
+                                                              args.steps, model, references, log=print)
     if args.write_docs:
-        command = "python scripts/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        text = render_docs(points, model, command.strip(), recognition, conditions, args.seeds, args.steps,
-                           time.time() - started, args.pack)
+        command = ("python scripts/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+        results_name = f"{datetime.date.today().isoformat()}-cpu-cache-fidelity-trained-tiny-flux.json"
+        if block_points:
+            os.makedirs(RESULTS_DIR, exist_ok=True)
+            with open(os.path.join(RESULTS_DIR, results_name), "w") as f:
+                json.dump(results_json(points, block_points, model, command, conditions, args.seeds, args.steps), f,
+                          indent=1)
+        text = render_docs(points, model, command, recognition, conditions, args.seeds, args.steps,
+                           time.time() - started, args.pack, block_points, results_name)
         os.makedirs(os.path.dirname(DOCS_PATH), exist_ok=True)
         with open(DOCS_PATH, "w") as f:
             f.write(text)

@@ -1,4 +1,4 @@
-"""Fidelity of First Block Cache on a trained FLUX, through ComfyUI's real ModelPatcher and KSampler.
+"""Fidelity of First Block Cache and Block Cache on a trained FLUX, through ComfyUI's real ModelPatcher and KSampler.
 
 The model (tests/assets/tiny_flux_shapes.safetensors, from scripts/train_tiny_flux.py) is a small
 FLUX of ComfyUI's own classes trained to draw the shape, colour and position its prompt asks for.
@@ -45,10 +45,16 @@ def test_trained_model_draws_the_asked_condition(shapes_model, references):
 
 
 def node_default_threshold():
-    from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
+    return fidelity.node_default_threshold()
 
-    [threshold] = [i.default for i in ApplyFirstBlockCache.define_schema().inputs if i.id == "residual_diff_threshold"]
-    return threshold
+
+def block_cache_default():
+    """Apply Block Cache at its defaults, as a fidelity.CacheSetting."""
+    from fluxaccel.nodes.first_block_cache import ApplyBlockCache
+
+    defaults = {i.id: i.default for i in ApplyBlockCache.define_schema().inputs if i.id != "model"}
+    return fidelity.CacheSetting(defaults["residual_diff_threshold"], True, defaults["taylor_order"],
+                                 defaults["probe_blocks"], defaults["tail_blocks"], defaults["every_n_steps"])
 
 
 def test_default_threshold_skips_a_third_and_keeps_30_db(shapes_model, references):
@@ -60,6 +66,26 @@ def test_default_threshold_skips_a_third_and_keeps_30_db(shapes_model, reference
     assert point.cases >= 4
     assert point.skipped_fraction >= 0.35
     assert point.mean_psnr >= 30.0
+
+
+def test_block_cache_default_skips_more_steps_than_first_block_caches_at_no_lower_psnr(shapes_model, references):
+    """What docs/FIDELITY.md chose Block Cache's default by, on seeds held out from its table."""
+    first, block = fidelity.cache_curve([node_default_threshold(), block_cache_default()], SEEDS, CONDITIONS,
+                                        model=shapes_model, references=references)
+    print(f"First Block Cache {first.skipped_fraction:.3f} skipped at {first.mean_psnr:.1f} dB; "
+          f"Block Cache {block.skipped_fraction:.3f} at {block.mean_psnr:.1f} dB")
+    assert block.skipped_fraction >= 1.15 * first.skipped_fraction
+    assert block.mean_psnr >= first.mean_psnr
+
+
+def test_a_taylor_step_is_6_db_closer_at_first_block_caches_skipping(shapes_model, references):
+    """The issue's bar on held-out seeds: at First Block Cache's default threshold (the same steps skipped),
+    order 1 predictions land at least 6 dB closer to the uncached images than reuse."""
+    threshold = node_default_threshold()
+    first, taylor = fidelity.cache_curve([threshold, fidelity.CacheSetting(threshold, True, 1)], SEEDS, CONDITIONS,
+                                         model=shapes_model, references=references)
+    assert taylor.skipped_fraction >= first.skipped_fraction - 0.01
+    assert taylor.mean_psnr >= first.mean_psnr + 6.0, (first, taylor)
 
 
 def test_tiny_threshold_reuses_almost_nothing(shapes_model, references):
