@@ -403,6 +403,11 @@ def pack_revision(pack_dir):
     return f"commit {commit}"
 
 
+def ordinal(number) -> str:
+    suffixes = {1: "st", 2: "nd", 3: "rd"}
+    return f"{number}{suffixes.get(number if number < 20 else number % 10, 'th')}"
+
+
 def block_cache_section(block_points, reference: CurvePoint, results_name):
     """FIDELITY.md's Block Cache part: the table, the comparison with First Block Cache's default, the default."""
     as_faithful, as_fast = bar_check(block_points, reference)
@@ -414,7 +419,7 @@ def block_cache_section(block_points, reference: CurvePoint, results_name):
         "Apply Block Cache on the same cases: Taylor orders 0, 1, 2 (order 0 reuses the stored residual, as First "
         "Block Cache does), probe/tail layouts " + ", ".join(f"F{p}B{t}" for p, t in BLOCK_CACHE_LAYOUTS)
         + f" at thresholds {thresholds}, and fixed schedules computing every "
-        + " or ".join(f"{n}th" if n > 2 else f"{n}nd" for n in FIXED_SCHEDULES) + " step (F1B0). "
+        + " or ".join(ordinal(n) for n in FIXED_SCHEDULES) + " step (F1B0). "
         f"Raw JSON: [docs/results/{results_name}](results/{results_name}).",
         "",
         "| setting | skipped steps | mean PSNR (dB) | min PSNR (dB) | mean SSIM | qualifies |",
