@@ -15,6 +15,9 @@ at computed steps:
 Instead of a threshold on the probe's change, `every_n_steps` computes every n-th step of the window
 and reuses the ones between (Pruna's FORA schedule), with no read of the GPU.
 
+A quality target (a PSNR against the uncached result) replaces the threshold by one calibrated on the
+user's own model and schedule: `calibrated_threshold` bisects the threshold on full sampling runs.
+
 Rows of a batch belong to different conditionings (cond/uncond batched together, or evaluated in
 separate calls), so everything is stored per conditioning key; the reuse decision is taken once per
 sampling step and shared by every call of that step. A forward replayed from CUDA graphs measures the
@@ -24,11 +27,16 @@ own tensors, which the graphs write in place, with the coefficients the host fil
 from dataclasses import dataclass
 from typing import Callable, Hashable, Optional, Sequence
 
+import math
+
 import torch
 
 ReduceSums = Callable[[torch.Tensor], torch.Tensor]
 # Computed steps a conditioning needs before each Taylor term enters a prediction.
 COMPUTES_FOR_SLOPE, COMPUTES_FOR_CURVATURE = 2, 3
+# Calibration: thresholds searched in [0, CALIBRATION_HIGHEST], halved this many times (to 1/32 of it).
+CALIBRATION_HIGHEST = 0.5
+CALIBRATION_HALVINGS = 5
 
 
 def absolute_difference_sums(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -72,6 +80,37 @@ def taylor_differences(new_residual: torch.Tensor, residual: torch.Tensor, slope
     1 / (s_new - s_k-1) per row, 0 where the history is too short."""
     new_slope = (new_residual.float() - residual.float()) * factors[0]
     return new_slope, ((new_slope - slope) * factors[1] if order >= 2 else None)
+
+
+def latent_psnr(result: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of `result` against `reference`; peak = the reference's dynamic range (max - min).
+
+    Latents have no fixed white level like 8-bit images, so the reference's own range stands in.
+    Identical tensors give inf.
+    """
+    result, reference = result.double(), reference.double()
+    mse = torch.mean((result - reference) ** 2).item()
+    if mse == 0.0:
+        return math.inf
+    peak = (reference.max() - reference.min()).item()
+    return 10.0 * math.log10(peak ** 2 / mse)
+
+
+def calibrated_threshold(psnr_at: Callable[[float], float], target_db: float, highest: float = CALIBRATION_HIGHEST,
+                         halvings: int = CALIBRATION_HALVINGS) -> float:
+    """The largest threshold found whose result is at least `target_db` from the uncached one, by
+    bisection in [0, highest] (threshold 0 never reuses: its result is the uncached one).
+    `psnr_at(threshold)` samples once with that threshold and measures its PSNR."""
+    if psnr_at(highest) >= target_db:
+        return highest
+    low, high = 0.0, highest
+    for _ in range(halvings):
+        middle = (low + high) / 2
+        if psnr_at(middle) >= target_db:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 @dataclass(frozen=True)
@@ -257,11 +296,12 @@ class ResidualCache:
                          state: PredictionState) -> None:
         """Writes the keys' stored tensors into these (a captured forward's own, which its graphs read),
         where they are not there already: what an earlier call stored elsewhere (a launched call, or a
-        forward of another batch layout) is handed over; slope and curvature rows of keys without
-        any are zeroed (a Taylor term is multiplied by 0 until it is known, and 0 * NaN is not 0)."""
+        forward of another batch layout) is handed over. Rows of keys with nothing stored are zeroed, as
+        the launched path reads zeros there (a Taylor term is multiplied by 0 until it is known, and
+        0 * NaN, from a stale row, is not 0)."""
         self._probe_residuals.copy_into(keys, probe_references)
-        self._residuals.copy_into(keys, state.residual)
-        for store, tensor in ((self._slopes, state.slope), (self._curvatures, state.curvature)):
+        for store, tensor in ((self._residuals, state.residual), (self._slopes, state.slope),
+                              (self._curvatures, state.curvature)):
             if tensor is not None:
                 for key, rows in zip(keys, tensor.chunk(len(keys))):
                     if not store.has([key]):

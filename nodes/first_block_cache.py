@@ -18,6 +18,8 @@ Under Compile FLUX's CUDA graphs the last probe block splits each captured forwa
 the graphs up to its distance, then either the skipped blocks' or the prediction's, then the tail and
 the rest (kernels/cuda_graphs.py); the stored residuals live in tensors kept outside the graphs.
 """
+import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Hashable, Optional
 
@@ -29,11 +31,12 @@ import comfy.patcher_extension
 from comfy_api.latest import ComfyExtension, io
 
 from ..kernels.cuda_graphs import Recording, host_decision
-from ..kernels.residual_cache import CachePolicy, PredictionState, ResidualCache, distance_sums, taylor_differences, \
-    taylor_prediction
+from ..kernels.residual_cache import (CALIBRATION_HALVINGS, CachePolicy, PredictionState, ResidualCache,
+                                      calibrated_threshold, distance_sums, latent_psnr, taylor_differences,
+                                      taylor_prediction)
 from . import CATEGORY, flux_layout
 from .patcher_hooks import keep_conds_on_device, set_wrapper
-from .reporting import report_run
+from .reporting import report_run, report_to_sampler_node
 
 SETTINGS_KEY = "fluxaccel.first_block_cache"
 RUN_KEY = "fluxaccel.first_block_cache.run"
@@ -44,6 +47,9 @@ NODE_NAME = "Apply First Block Cache"
 BLOCK_CACHE_NODE_NAME = "Apply Block Cache"
 # The alternatives of a captured forward after its probe blocks.
 COMPUTE, REUSE = "compute", "reuse"
+# Block Cache's quality input: the threshold as set, or a target PSNR (dB, the sampled latent against the
+# uncached one of the same seed) that a calibration on the user's model and schedule turns into one.
+QUALITY_TARGETS = {"threshold": None, "quality (50 dB)": 50.0, "balanced (44 dB)": 44.0, "fast (38 dB)": 38.0}
 
 
 @dataclass(frozen=True)
@@ -75,10 +81,7 @@ class CacheSettings:
     end_percent: float
     name: str  # "First Block Cache" or "Block Cache", as the reports call it
     details: str  # the settings the run's report shows after the name
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.details})"
+    target_db: Optional[float] = None  # a quality target, calibrated into the threshold
 
 
 @dataclass
@@ -343,12 +346,23 @@ def start_model_evaluation(executor, model, conds, x_in, timestep, model_options
 
 
 def sample_with_fresh_cache(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper: a new cache for every sampling run, reported and dropped at its end."""
+    """OUTER_SAMPLE wrapper: a new cache for every sampling run, reported and dropped at its end; with a
+    quality target, the run's threshold calibrated first (once per model and schedule in a session)."""
+    settings: CacheSettings = executor.class_obj.model_options["transformer_options"][SETTINGS_KEY]
+    policy, calibration = settings.policy, ""
+    if settings.target_db is not None:
+        policy, calibration = calibrated_policy(executor, settings, args, kwargs)
+    run, samples = sample_with_cache(executor, policy, settings, args, kwargs)
+    report_run(f"{settings.name} ({settings.details}{calibration}): {run.cache.stats.summary()}")
+    return samples
+
+
+def sample_with_cache(executor, policy: CachePolicy, settings: CacheSettings, args, kwargs):
+    """(the run, its samples): one sampling run under a fresh cache of `policy`."""
     guider = executor.class_obj
-    settings: CacheSettings = guider.model_options["transformer_options"][SETTINGS_KEY]
     model_sampling = guider.model_patcher.get_model_object("model_sampling")
     run = CacheRun(
-        cache=ResidualCache(settings.policy),
+        cache=ResidualCache(policy),
         start_sigma=model_sampling.percent_to_sigma(settings.start_percent),
         end_sigma=model_sampling.percent_to_sigma(settings.end_percent),
         name=settings.name,
@@ -357,10 +371,60 @@ def sample_with_fresh_cache(executor, *args, **kwargs):
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     guider.model_options["transformer_options"][RUN_KEY] = run
     try:
-        return executor(*args, **kwargs)
+        return run, executor(*args, **kwargs)
     finally:
         guider.model_options = original_options
-        report_run(f"{settings.label}: {run.cache.stats.summary()}")
+
+
+# Thresholds calibrated in this session: per model, by the rest of what they were calibrated for.
+_calibrations = weakref.WeakKeyDictionary()
+
+
+def forget_calibrations():
+    """Drops the thresholds calibrated in this session (the next run with a quality target calibrates
+    again): for measurements of the calibration itself."""
+    _calibrations.clear()
+
+
+def calibrated_policy(executor, settings: CacheSettings, args, kwargs) -> tuple[CachePolicy, str]:
+    """(the policy with the threshold calibrated for settings.target_db, what the run's report says of it).
+
+    The calibration samples this run's inputs (noise, schedule, conditioning) uncached, then with
+    thresholds bisected until the result is as close to the uncached one as asked; it holds for the
+    model (with its weights as patched), the cache's other settings, the schedule and the latent's size."""
+    guider = executor.class_obj
+    model = guider.model_patcher.model
+    noise, sigmas = sampling_noise_and_sigmas(args, kwargs)
+    # The patch set the run loads (LoRA and other weight patches): ComfyUI's ModelPatcher.patches_uuid.
+    key = (guider.model_patcher.patches_uuid, dataclasses.replace(settings.policy, residual_diff_threshold=0.0),
+           settings.layout, settings.start_percent, settings.end_percent, settings.target_db,
+           tuple(sigmas.tolist()), tuple(noise.shape), getattr(guider, "cfg", None))
+    calibrations = _calibrations.setdefault(model, {})
+    if key in calibrations:
+        return dataclasses.replace(settings.policy, residual_diff_threshold=calibrations[key]), (
+            f", threshold {calibrations[key]:.3f} calibrated earlier this session")
+    passes = []
+
+    def sample_at(threshold):
+        passes.append(threshold)
+        report_to_sampler_node(f"{settings.name}: calibrating the threshold for {settings.target_db:.0f} dB, "
+                               f"sampling pass {len(passes)} of at most {CALIBRATION_HALVINGS + 2}...", passing=True)
+        policy = dataclasses.replace(settings.policy, residual_diff_threshold=threshold)
+        return sample_with_cache(executor, policy, settings, args, kwargs)[1]
+
+    reference = sample_at(0.0)
+    threshold = calibrated_threshold(lambda candidate: latent_psnr(sample_at(candidate), reference), settings.target_db)
+    calibrations[key] = threshold
+    return dataclasses.replace(settings.policy, residual_diff_threshold=threshold), (
+        f", threshold {threshold:.3f} calibrated in this run over {len(passes)} sampling passes")
+
+
+def sampling_noise_and_sigmas(args, kwargs):
+    """The noise and sigmas of an OUTER_SAMPLE call: ComfyUI's CFGGuider.outer_sample takes (noise,
+    latent_image, sampler, sigmas, ...)."""
+    noise = kwargs["noise"] if "noise" in kwargs else args[0]
+    sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
+    return noise, sigmas
 
 
 def validate_window(start_percent, end_percent):
@@ -459,6 +523,12 @@ class ApplyBlockCache(io.ComfyNode):
                 "sampler node."),
             inputs=[
                 io.Model.Input("model", tooltip=flux_layout.MODEL_INPUT_TOOLTIP),
+                io.Combo.Input(
+                    "quality", options=list(QUALITY_TARGETS), default="threshold",
+                    tooltip=("threshold: skip by residual_diff_threshold. A target instead: how close (PSNR of the "
+                             "sampled latent against the uncached one) the result must stay; the first run with a "
+                             "model and schedule samples up to 7 extra times to find the threshold that keeps it, "
+                             "and later runs in the session reuse it.")),
                 io.Float.Input(
                     "residual_diff_threshold", default=0.22, min=0.0, max=1.0, step=0.01,
                     tooltip=("Relative change of the probe blocks' residual below which a step is skipped. Higher "
@@ -490,12 +560,19 @@ class ApplyBlockCache(io.ComfyNode):
         return validate_window(start_percent, end_percent)
 
     @classmethod
-    def execute(cls, model, residual_diff_threshold, taylor_order, start_percent, end_percent, max_consecutive_hits,
-                probe_blocks=1, tail_blocks=0, every_n_steps=0) -> io.NodeOutput:
+    def execute(cls, model, quality, residual_diff_threshold, taylor_order, start_percent, end_percent,
+                max_consecutive_hits, probe_blocks=1, tail_blocks=0, every_n_steps=0) -> io.NodeOutput:
+        if quality not in QUALITY_TARGETS:
+            raise ValueError(f"{BLOCK_CACHE_NODE_NAME}: quality must be one of {', '.join(QUALITY_TARGETS)}, not '{quality}'.")
+        target_db = QUALITY_TARGETS[quality]
+        if target_db is not None and every_n_steps > 0:
+            raise ValueError(f"{BLOCK_CACHE_NODE_NAME}: a quality target calibrates the threshold, which every_n_steps "
+                             "does not use; set quality to threshold or every_n_steps to 0.")
         policy = CachePolicy(residual_diff_threshold, max_consecutive_hits, taylor_order, every_n_steps)
         layout = CacheLayout(probe_blocks, tail_blocks)
-        settings = CacheSettings(policy, layout, start_percent, end_percent, "Block Cache",
-                                 block_cache_details(policy, layout))
+        details = block_cache_details(policy, layout) if target_db is None else (
+            f"{layout.name()}, order {taylor_order}, {target_db:.0f} dB target")
+        settings = CacheSettings(policy, layout, start_percent, end_percent, "Block Cache", details, target_db)
         return io.NodeOutput(apply_cache(model, BLOCK_CACHE_NODE_NAME, settings))
 
 

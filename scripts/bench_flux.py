@@ -22,6 +22,10 @@ Variants:
   fbc-0                              the cache's hooks with nothing reused: cost of a computed step
   fbc-alternate                      no threshold, max 1 reuse in a row: every other step reused
   fbc-all                            no threshold, no limit: one computed step, the rest reused
+  bc-default                         Apply Block Cache at its defaults (Taylor order 1, threshold 0.22)
+  bc-every<n>[-o<order>]             Apply Block Cache's fixed schedule: every n-th step computed, the
+                                     others predicted at that Taylor order (default 1): bc-every2 is
+                                     fbc-alternate with predictions instead of reuse
 Needs a CUDA GPU for FLUX.1-dev shapes; `--tiny` runs one double + one single block on the CPU.
 Compiled graphs persist in <ComfyUI>/user/fluxaccel/torch-compile-cache: a second process running the
 same variant shows the warm-restart overhead as its first run. `--passes 2` samples the resolutions
@@ -121,7 +125,7 @@ def apply_variant(model, variant):
     from fluxaccel.nodes.attention import FluxAttentionBackend
     from fluxaccel.nodes.compile import CompileFlux
     from fluxaccel.nodes.context_parallel import ContextParallel
-    from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
+    from fluxaccel.nodes.first_block_cache import ApplyBlockCache, ApplyFirstBlockCache
     from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 
     base, *modifiers = variant.split("+")
@@ -143,6 +147,14 @@ def apply_variant(model, variant):
     if base.startswith("fbc-"):
         threshold, max_hits = FBC_FIXED_PATTERNS[base] if base in FBC_FIXED_PATTERNS else (float(base[len("fbc-"):]), 0)
         model = ApplyFirstBlockCache.execute(model, threshold, 0.0, 1.0, max_hits).result[0]
+    if base.startswith("bc-"):
+        inputs = {i.id: i.default for i in ApplyBlockCache.define_schema().inputs if i.id != "model"}
+        if base.startswith("bc-every"):
+            every, _, order = base[len("bc-every"):].partition("-o")
+            inputs.update(every_n_steps=int(every), taylor_order=int(order or 1))
+        elif base != "bc-default":
+            raise ValueError(f"unknown Block Cache variant {base!r}")
+        model = ApplyBlockCache.execute(model, **inputs).result[0]
     if parallel is not None:
         # Last, as the node's description asks: what comes before carries over to every GPU.
         ulysses, ring = parallel

@@ -4,6 +4,7 @@ import logging
 import re
 
 SUMMARY_PATTERN = re.compile(r"Block Cache \([^)]*\): computed (\d+)/(\d+) steps, reused (\d+)/\d+")
+CALIBRATED_PATTERN = re.compile(r"Block Cache \([^)]*, threshold ([0-9.]+) calibrated ")
 COMPILE_PATTERN = re.compile(r"Compile FLUX: (?:(\d+) graphs? compiled|no graph compiled)")
 
 
@@ -11,6 +12,12 @@ def parse_cache_report(text):
     """(computed, total, reused) from one report line, or None if the text is no report."""
     match = SUMMARY_PATTERN.search(text)
     return tuple(int(group) for group in match.groups()) if match else None
+
+
+def parse_calibrated_threshold(text):
+    """The threshold a Block Cache report line says its quality target was calibrated to, or None."""
+    match = CALIBRATED_PATTERN.search(text)
+    return float(match.group(1)) if match else None
 
 
 def cuda_graphs_report(text):
@@ -31,12 +38,13 @@ def parse_compile_report(text):
 
 class CacheReportRecorder(logging.Handler):
     """Collects the reports logged while it is attached to the root logger (`with CacheReportRecorder() as r`):
-    `reports` from First Block Cache, `graphs_compiled` and `cuda_graphs` from Compile FLUX, one entry per
-    sampling run."""
+    `reports` from the cache nodes, `calibrated_thresholds` from Block Cache's quality targets,
+    `graphs_compiled` and `cuda_graphs` from Compile FLUX, one entry per sampling run."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.reports = []
+        self.calibrated_thresholds = []
         self.graphs_compiled = []
         self.cuda_graphs = []
         self._previous_level = None
@@ -46,6 +54,9 @@ class CacheReportRecorder(logging.Handler):
         report = parse_cache_report(message)
         if report is not None:
             self.reports.append(report)
+        threshold = parse_calibrated_threshold(message)
+        if threshold is not None:
+            self.calibrated_thresholds.append(threshold)
         graphs = parse_compile_report(message)
         if graphs is not None:
             self.graphs_compiled.append(graphs)

@@ -52,6 +52,9 @@ FIXED_SCHEDULES = (2, 3)
 # as many more steps skipped at its PSNR, or as many dB closer at its share of skipped steps.
 BAR_SKIP_RATIO = 1.3
 BAR_PSNR_GAIN_DB = 6.0
+# Block Cache's quality targets are calibrated on this image (neither its prompt nor its seed is among
+# the table's cases), then measured on the table's cases.
+CALIBRATION_CONDITION_INDEX, CALIBRATION_SEED = 11, 20
 # Orders whose PSNR differs by less than this count as a tie: the lower order extrapolates less far
 # from measured residuals, the safer choice on models less smooth than this one.
 ORDER_TIE_DB = 1.0
@@ -80,17 +83,11 @@ def setup_comfyui(comfyui_dir=train_tiny_flux.DEFAULT_COMFYUI_DIR, pack_dir=PACK
 # Metrics
 
 def psnr(result, reference):
-    """PSNR in dB of `result` against `reference`; peak = the reference's dynamic range (max - min).
+    """PSNR in dB of `result` against `reference`, as the pack's calibration measures it (peak = the
+    reference's dynamic range, max - min; identical tensors give inf)."""
+    from fluxaccel.kernels.residual_cache import latent_psnr
 
-    Latents have no fixed white level like 8-bit images, so the reference's own range stands in.
-    Identical tensors give inf.
-    """
-    result, reference = result.double(), reference.double()
-    mse = torch.mean((result - reference) ** 2).item()
-    if mse == 0.0:
-        return math.inf
-    peak = (reference.max() - reference.min()).item()
-    return 10.0 * math.log10(peak ** 2 / mse)
+    return latent_psnr(result, reference)
 
 
 def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
@@ -189,6 +186,7 @@ class CacheSetting:
     probe_blocks: int = 1
     tail_blocks: int = 0
     every_n_steps: int = 0
+    quality: str = "threshold"  # Block Cache's quality input: a target calibrates the threshold
 
     def applied_to(self, patcher):
         from fluxaccel.nodes.first_block_cache import ApplyBlockCache, ApplyFirstBlockCache
@@ -198,13 +196,14 @@ class CacheSetting:
         inputs["residual_diff_threshold"] = self.threshold
         if self.block_cache:
             inputs.update(taylor_order=self.taylor_order, probe_blocks=self.probe_blocks, tail_blocks=self.tail_blocks,
-                          every_n_steps=self.every_n_steps)
+                          every_n_steps=self.every_n_steps, quality=self.quality)
         return node.execute(patcher, **inputs).result[0]
 
     def describe(self) -> str:
         if not self.block_cache:
             return f"First Block Cache {self.threshold:.2f}"
-        decision = f"every {self.every_n_steps} steps" if self.every_n_steps else f"{self.threshold:.2f}"
+        decision = (f"every {self.every_n_steps} steps" if self.every_n_steps else
+                    self.quality if self.quality != "threshold" else f"{self.threshold:.2f}")
         return f"F{self.probe_blocks}B{self.tail_blocks}, order {self.taylor_order}, {decision}"
 
 
@@ -408,6 +407,40 @@ def ordinal(number) -> str:
     return f"{number}{suffixes.get(number if number < 20 else number % 10, 'th')}"
 
 
+def calibration_points(model: ShapesModel, seeds, conditions, steps, references, log=None):
+    """Per quality target of Block Cache (at its default order and layout): (calibrated threshold, the
+    target's CurvePoint on the cases), the threshold calibrated on the calibration image alone."""
+    from fluxaccel.nodes import first_block_cache
+
+    calibration_case = (spread_conditions(CALIBRATION_CONDITION_INDEX + 1)[-1], CALIBRATION_SEED)
+    results = []
+    for quality, target in first_block_cache.QUALITY_TARGETS.items():
+        if target is None:
+            continue
+        setting = CacheSetting(0.0, True, 1, quality=quality)
+        first_block_cache.forget_calibrations()
+        with CacheReportRecorder() as recorder:
+            ksample(setting.applied_to(model.patcher), *calibration_case, model.world, steps)
+        [threshold] = recorder.calibrated_thresholds
+        [point] = cache_curve([setting], seeds, conditions, steps, model, references, log=log)
+        results.append((threshold, point))
+    return calibration_case, results
+
+
+def calibration_section(calibration_case, calibrations):
+    (condition, seed) = calibration_case
+    lines = ["### Quality targets", "",
+             f"Apply Block Cache's `quality` input at its default order and layout: the threshold calibrated on one "
+             f"image (\"{condition.prompt()}\", seed {seed}: neither among the cases above), then measured on the "
+             "table's cases (tests/test_fidelity.py holds each within 2 dB of its target on held-out seeds).", "",
+             "| quality | calibrated threshold | skipped steps | mean PSNR (dB) | min PSNR (dB) | mean SSIM |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {point.setting.quality} | {threshold:.3f} | {100 * point.skipped_fraction:.1f} % | "
+              f"{format_db(point.mean_psnr)} | {format_db(point.min_psnr)} | {point.mean_ssim:.4f} |"
+              for threshold, point in calibrations]
+    return lines + [""]
+
+
 def block_cache_section(block_points, reference: CurvePoint, results_name):
     """FIDELITY.md's Block Cache part: the table, the comparison with First Block Cache's default, the default."""
     as_faithful, as_fast = bar_check(block_points, reference)
@@ -457,7 +490,7 @@ def block_cache_section(block_points, reference: CurvePoint, results_name):
 
 
 def render_docs(points, model: ShapesModel, command, recognition, conditions, seeds, steps, seconds, pack_dir=PACK_DIR,
-                block_points=(), results_name=None):
+                block_points=(), results_name=None, calibrations=None):
     recommended = recommended_threshold(points)
     qualifying = [f"{p.threshold:.2f}" for p in points if p.qualifies()]
     hits, total = recognition
@@ -506,6 +539,8 @@ def render_docs(points, model: ShapesModel, command, recognition, conditions, se
         [reference] = [p for p in points if p.threshold == node_default_threshold()] or [None]
         lines += [""] + (block_cache_section(block_points, reference, results_name) if reference is not None else
                          ["First Block Cache's default threshold is not on the curve: no Block Cache comparison."])
+    if calibrations is not None:
+        lines += [""] + calibration_section(*calibrations)
     smallest = min(points, key=lambda p: p.threshold)
     if smallest.skipped_fraction >= 0.9:
         lines += ["", f"Warning: even the smallest threshold ({smallest.threshold:.2f}) skips nearly every step. On a "
@@ -535,7 +570,7 @@ def node_default_threshold():
     return threshold
 
 
-def results_json(points, block_points, model: ShapesModel, command, conditions, seeds, steps):
+def results_json(points, block_points, calibrations, model: ShapesModel, command, conditions, seeds, steps):
     reference = next(p for p in points if p.threshold == node_default_threshold())
     default = recommended_block_cache(block_points, reference)
     as_faithful, as_fast = bar_check(block_points, reference)
@@ -548,6 +583,10 @@ def results_json(points, block_points, model: ShapesModel, command, conditions, 
         "block_cache_default": None if default is None else default.as_json(),
         "most_skipped_at_first_block_cache_default_psnr": None if as_faithful is None else as_faithful.as_json(),
         "best_psnr_at_first_block_cache_default_skipping": None if as_fast is None else as_fast.as_json(),
+        "quality_targets": None if calibrations is None else {
+            "calibration_image": {"prompt": calibrations[0][0].prompt(), "seed": calibrations[0][1]},
+            "targets": [{"calibrated_threshold": round(threshold, 4), **point.as_json()}
+                        for threshold, point in calibrations[1]]},
     }
 
 
@@ -578,16 +617,18 @@ def main(argv=None):
     print(f"recommended default: {recommended_threshold(points)}")
     block_points = [] if args.no_block_cache else cache_curve(block_cache_settings(), args.seeds, conditions,
                                                               args.steps, model, references, log=print)
+    calibrations = None if args.no_block_cache else calibration_points(model, args.seeds, conditions, args.steps,
+                                                                       references, log=print)
     if args.write_docs:
         command = ("python scripts/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
         results_name = f"{datetime.date.today().isoformat()}-cpu-cache-fidelity-trained-tiny-flux.json"
         if block_points:
             os.makedirs(RESULTS_DIR, exist_ok=True)
             with open(os.path.join(RESULTS_DIR, results_name), "w") as f:
-                json.dump(results_json(points, block_points, model, command, conditions, args.seeds, args.steps), f,
-                          indent=1)
+                json.dump(results_json(points, block_points, calibrations, model, command, conditions, args.seeds,
+                                       args.steps), f, indent=1)
         text = render_docs(points, model, command, recognition, conditions, args.seeds, args.steps,
-                           time.time() - started, args.pack, block_points, results_name)
+                           time.time() - started, args.pack, block_points, results_name, calibrations)
         os.makedirs(os.path.dirname(DOCS_PATH), exist_ok=True)
         with open(DOCS_PATH, "w") as f:
             f.write(text)

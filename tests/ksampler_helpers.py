@@ -57,9 +57,9 @@ def with_cache(model, threshold, start_percent=0.0, end_percent=1.0, max_consecu
 
 
 def with_block_cache(model, threshold, taylor_order=1, start_percent=0.0, end_percent=1.0, max_consecutive_hits=0,
-                     probe_blocks=1, tail_blocks=0, every_n_steps=0):
-    return ApplyBlockCache.execute(model, threshold, taylor_order, start_percent, end_percent, max_consecutive_hits,
-                                   probe_blocks, tail_blocks, every_n_steps).result[0]
+                     probe_blocks=1, tail_blocks=0, every_n_steps=0, quality="threshold"):
+    return ApplyBlockCache.execute(model, quality, threshold, taylor_order, start_percent, end_percent,
+                                   max_consecutive_hits, probe_blocks, tail_blocks, every_n_steps).result[0]
 
 
 def pytorch_attention(attention_function, *args, **kwargs):

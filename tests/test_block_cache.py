@@ -85,3 +85,8 @@ def test_a_layout_that_leaves_no_block_to_skip_gets_a_clear_error(probe_blocks, 
 
 def test_bad_window_is_rejected():
     assert "must not be greater than end_percent" in ApplyBlockCache.validate_inputs(0.6, 0.4)
+
+
+def test_a_quality_target_with_a_fixed_schedule_gets_a_clear_error():
+    with pytest.raises(ValueError, match="a quality target calibrates the threshold, which every_n_steps does not use"):
+        with_block_cache(tiny_flux_patcher(), 0.0, 1, every_n_steps=2, quality="balanced (44 dB)")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fidelity
+from cache_reports import parse_calibrated_threshold
 from train_tiny_flux import ALL_CONDITIONS
 
 CONDITIONS = fidelity.spread_conditions(8)
@@ -86,6 +87,37 @@ def test_a_taylor_step_is_6_db_closer_at_first_block_caches_skipping(shapes_mode
                                          model=shapes_model, references=references)
     assert taylor.skipped_fraction >= first.skipped_fraction - 0.01
     assert taylor.mean_psnr >= first.mean_psnr + 6.0, (first, taylor)
+
+
+# The image a quality target is calibrated on: neither its prompt nor its seed is among the held-out cases.
+CALIBRATION_CASE = (fidelity.spread_conditions(12)[-1], 20)
+
+
+def calibration_reports(caplog):
+    return [record.getMessage() for record in caplog.records if " dB target, threshold " in record.getMessage()]
+
+
+@pytest.mark.parametrize("quality, target_db", [("fast (38 dB)", 38.0), ("balanced (44 dB)", 44.0), ("quality (50 dB)", 50.0)])
+def test_a_quality_target_calibrated_on_one_image_holds_within_2_db_on_held_out_seeds(
+        shapes_model, references, quality, target_db, caplog_info):
+    from fluxaccel.nodes import first_block_cache
+
+    first_block_cache.forget_calibrations()
+    assert CALIBRATION_CASE[0] not in CONDITIONS and CALIBRATION_CASE[1] not in SEEDS
+    setting = fidelity.CacheSetting(0.0, True, 1, quality=quality)
+    calibrated, _ = fidelity.sample_cached(shapes_model.patcher, setting, *CALIBRATION_CASE, shapes_model.world,
+                                           fidelity.STEPS)
+    [point] = fidelity.cache_curve([setting], SEEDS, CONDITIONS, model=shapes_model, references=references)
+    reports = calibration_reports(caplog_info)
+    threshold = parse_calibrated_threshold(reports[0])
+    at_threshold, _ = fidelity.sample_cached(shapes_model.patcher, fidelity.CacheSetting(threshold, True, 1),
+                                             *CALIBRATION_CASE, shapes_model.world, fidelity.STEPS)
+    assert torch.equal(calibrated, at_threshold), "the calibrated run samples at the threshold it reports"
+    print(f"{quality}: {reports[0]}; held out: {point.mean_psnr:.1f} dB, {100 * point.skipped_fraction:.1f} % skipped")
+    assert "calibrated in this run over" in reports[0]
+    assert all("calibrated earlier this session" in report for report in reports[1:]) and len(reports) == 1 + point.cases
+    assert abs(point.mean_psnr - target_db) <= 2.0
+    assert point.skipped_fraction > 0.5
 
 
 def test_tiny_threshold_reuses_almost_nothing(shapes_model, references):

@@ -1,4 +1,6 @@
 """The cache's decisions, store and predictions (First Block Cache, Block Cache), without ComfyUI."""
+import math
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ from fluxaccel.kernels.residual_cache import (
     ResidualCache,
     RowStore,
     absolute_difference_sums,
+    calibrated_threshold,
+    latent_psnr,
     relative_l1_distance,
 )
 
@@ -147,7 +151,25 @@ def test_a_captured_forwards_tensors_receive_what_launched_calls_stored_and_zero
     probe_references = torch.full((2, 2), float("nan"))
     state = PredictionState(*(torch.full((2, 2, 3), float("nan")) for _ in range(3)))
     cache.copy_stored_into(["c", "new"], probe_references, state)
-    assert torch.equal(state.residual[0], torch.full((2, 3), 0.49)) and state.residual[1].isnan().all()
+    assert torch.equal(state.residual[0], torch.full((2, 3), 0.49)) and torch.equal(state.residual[1], torch.zeros(2, 3))
     assert torch.equal(state.slope[1], torch.zeros(2, 3)) and torch.equal(state.curvature[1], torch.zeros(2, 3)), \
         "a key without history contributes 0, not 0 * NaN"
     assert torch.equal(probe_references[0], torch.ones(2))
+
+
+@pytest.mark.parametrize("target", [44.0, 20.0, 61.0])
+def test_calibration_finds_the_largest_threshold_that_keeps_the_target(target):
+    """On a PSNR that falls with the threshold (stepwise, as skipped steps are), within the search's resolution;
+    threshold 0 reuses nothing (the uncached result itself), so a target nothing else keeps gets 0."""
+    def psnr_at(threshold):
+        return math.inf if threshold == 0.0 else 60.0 - 100.0 * round(threshold, 2)
+
+    found = calibrated_threshold(psnr_at, target, highest=0.5, halvings=5)
+    assert psnr_at(found) >= target
+    assert found == 0.5 if psnr_at(0.5) >= target else psnr_at(found + 0.5 / 32) < target
+
+
+def test_latent_psnr_takes_the_references_range_as_peak():
+    reference = torch.tensor([0.0, 2.0])
+    assert latent_psnr(torch.tensor([0.2, 2.0]), reference) == pytest.approx(10 * math.log10(4 / 0.02))
+    assert math.isinf(latent_psnr(reference, reference))
