@@ -438,7 +438,7 @@ def calibration_section(calibration_case, calibrations):
     lines += [f"| {point.setting.quality} | {threshold:.3f} | {100 * point.skipped_fraction:.1f} % | "
               f"{format_db(point.mean_psnr)} | {format_db(point.min_psnr)} | {point.mean_ssim:.4f} |"
               for threshold, point in calibrations]
-    return lines + [""]
+    return lines
 
 
 def block_cache_section(block_points, reference: CurvePoint, results_name):
