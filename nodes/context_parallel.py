@@ -123,11 +123,11 @@ def replica_spec(model_patcher, model_options):
     return spec, tensors
 
 
-def cache_step(transformer_options, run_serial) -> Optional[CacheStep]:
+def cache_step(transformer_options) -> Optional[CacheStep]:
     run = transformer_options.get(first_block_cache.RUN_KEY)
     if run is None:
         return None
-    return CacheStep(run_serial, run.cache.steps_started, run.cache.last_sigma, run.cache.reuse_allowed,
+    return CacheStep(run.serial, run.cache.steps_started, run.cache.last_sigma, run.cache.reuse_allowed,
                      run.cache.policy)
 
 
@@ -171,7 +171,7 @@ def forward_across_ranks(executor, x, timestep, context, y=None, guidance=None, 
         tensors = []
         inputs = to_slots(whole, tensors)
         call_options = {name: transformer_options[name] for name in CALL_OPTION_KEYS if name in transformer_options}
-        pool.send(ForwardRequest(inputs, call_options, cache_step(transformer_options, run.serial), order))
+        pool.send(ForwardRequest(inputs, call_options, cache_step(transformer_options), order))
         pool.send_tensors(tensors)
 
         def run_share(share, options):

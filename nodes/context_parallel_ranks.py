@@ -188,7 +188,7 @@ class ReplicaSpec:
 @dataclass
 class CacheStep:
     """Rank 0's cache state (First Block Cache or Block Cache) at a forward, for the workers to mirror."""
-    run_serial: int
+    run_serial: int  # the cache run's (a Block Cache calibration samples several runs in one sampling)
     steps_started: int
     sigma: Optional[float]
     reuse_allowed: bool

@@ -19,6 +19,7 @@ the graphs up to its distance, then either the skipped blocks' or the prediction
 the rest (kernels/cuda_graphs.py); the stored residuals live in tensors kept outside the graphs.
 """
 import dataclasses
+import itertools
 import weakref
 from dataclasses import dataclass, field
 from typing import Hashable, Optional
@@ -84,6 +85,9 @@ class CacheSettings:
     target_db: Optional[float] = None  # a quality target, calibrated into the threshold
 
 
+_cache_run_serials = itertools.count()
+
+
 @dataclass
 class CacheRun:
     """One sampling run: the cache and the sigma window in which reuse is allowed."""
@@ -91,6 +95,8 @@ class CacheRun:
     start_sigma: float
     end_sigma: float
     name: str = "First Block Cache"
+    # Every run its own, calibration passes included: what other processes mirroring it tell runs apart by.
+    serial: int = field(default_factory=lambda: next(_cache_run_serials))
     # Each conditioning's slot, numbered as the run first meets it (cond, then uncond).
     key_slots: dict = field(default_factory=dict)
 

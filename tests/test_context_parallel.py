@@ -148,6 +148,30 @@ def test_block_cache_predicts_and_decides_alike_on_every_rank(cfg_parallel, capl
     assert context_parallel_reports(caplog_info)[-1].endswith("Block Cache took the same 10 decisions on every rank")
 
 
+@pytest.mark.parametrize("cache_first", [True, False])
+def test_a_calibrating_block_cache_decides_alike_on_every_rank_in_every_pass(cache_first, caplog_info):
+    """A quality target samples several cache runs in one sampling run (the calibration's passes), on the
+    trained tiny FLUX where they reuse steps: each pass starts a fresh mirrored cache on the workers, in
+    either order of the nodes."""
+    import fidelity
+    from fluxaccel.nodes.first_block_cache import forget_calibrations
+
+    shapes = fidelity.load_shapes_model()
+    condition = fidelity.spread_conditions(1)[0]
+    forget_calibrations()
+    expected = fidelity.ksample(with_block_cache(shapes.patcher, 0.0, 1, quality="balanced (44 dB)"), condition, 3,
+                                shapes.world, steps=12)
+    expected_report = cache_summaries(caplog_info)[-1]
+    assert expected_report[2] > 0, "the calibrated threshold reuses steps"
+    forget_calibrations()
+    stacked = (across(with_block_cache(shapes.patcher, 0.0, 1, quality="balanced (44 dB)")) if cache_first else
+               with_block_cache(across(shapes.patcher), 0.0, 1, quality="balanced (44 dB)"))
+    actual = fidelity.ksample(stacked, condition, 3, shapes.world, steps=12)
+    assert relative_error(actual, expected) < SAME_AS_ONE_PROCESS
+    assert cache_summaries(caplog_info)[-1] == expected_report
+    assert context_parallel_reports(caplog_info)[-1].endswith("Block Cache took the same 12 decisions on every rank")
+
+
 def test_workers_stay_for_the_next_prompt_and_take_a_new_lora():
     model = tiny_flux_patcher()
     lora = tiny_lora(model)
