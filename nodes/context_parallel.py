@@ -70,7 +70,8 @@ class ContextParallelRun:
             return text
         ours = cache_decisions(self.cache_run)
         if any(theirs != ours for theirs in self.pool.ask(CacheDecisions())):
-            raise RuntimeError(f"{NODE_NAME}: {self.cache_run.name} decided differently on the ranks; please report this.")
+            raise RuntimeError(f"{NODE_NAME}: {self.cache_run.name} decided differently on the ranks; "
+                               "please report this.")
         return text + f"; {self.cache_run.name} took the same {ours[0] + ours[1]} decisions on every rank"
 
     @staticmethod

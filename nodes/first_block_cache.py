@@ -214,7 +214,7 @@ class ForwardPlan:
     # and how many text tokens precede them in the single stream.
     image_input: torch.Tensor
     text_tokens: int
-    keys: list = None
+    keys: Optional[list] = None
     reuse: bool = False
     # The probe's output in the single-stream layout (text tokens, then image tokens), copied.
     probe_hidden: Optional[torch.Tensor] = None
@@ -549,10 +549,12 @@ class ApplyBlockCache(io.ComfyNode):
                 *window_inputs(),
                 io.Int.Input(
                     "probe_blocks", default=1, min=1, max=128, advanced=True,
-                    tooltip="Blocks run every step whose residual decides (DBCache's Fn); FLUX.1 has 19 double + 38 single."),
+                    tooltip=("Blocks run every step whose residual decides (DBCache's Fn); FLUX.1 has 19 double + "
+                             "38 single.")),
                 io.Int.Input(
                     "tail_blocks", default=0, min=0, max=128, advanced=True,
-                    tooltip="Last blocks run every step after the skipped ones (DBCache's Bn): they refine the prediction."),
+                    tooltip=("Last blocks run every step after the skipped ones (DBCache's Bn): they refine the "
+                             "prediction.")),
                 io.Int.Input(
                     "every_n_steps", default=0, min=0, max=100, advanced=True,
                     tooltip=("0: the threshold decides. n: compute every n-th step of the window and skip the ones "
@@ -569,7 +571,8 @@ class ApplyBlockCache(io.ComfyNode):
     def execute(cls, model, quality, residual_diff_threshold, taylor_order, start_percent, end_percent,
                 max_consecutive_hits, probe_blocks=1, tail_blocks=0, every_n_steps=0) -> io.NodeOutput:
         if quality not in QUALITY_TARGETS:
-            raise ValueError(f"{BLOCK_CACHE_NODE_NAME}: quality must be one of {', '.join(QUALITY_TARGETS)}, not '{quality}'.")
+            raise ValueError(f"{BLOCK_CACHE_NODE_NAME}: quality must be one of {', '.join(QUALITY_TARGETS)}, "
+                             f"not '{quality}'.")
         target_db = QUALITY_TARGETS[quality]
         if target_db is not None and every_n_steps > 0:
             raise ValueError(f"{BLOCK_CACHE_NODE_NAME}: a quality target calibrates the threshold, which every_n_steps "
