@@ -21,8 +21,8 @@ from fluxaccel.nodes.compile import BACKEND_KEY, CUDA_GRAPHS_KEY, CompileFlux, c
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 from cache_reports import cuda_graphs_report, parse_compile_report
 from flux_fixtures import tiny_flux_patcher
-from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, tiny_lora, with_cache,
-                              with_lora)
+from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, tiny_lora,
+                              with_block_cache, with_cache, with_lora)
 
 # fp32 on the CPU: inductor's fused kernels reorder sums, nothing more.
 FP32_ROUNDING = 1e-5
@@ -266,26 +266,36 @@ def test_a_lora_or_size_change_is_captured_anew(caplog_info):
         "LoRA weights merged anew for the last run: new addresses, a new capture"
 
 
+# The cache nodes as the GPU tests stack them: First Block Cache, and Block Cache with Taylor order 2
+# predictions, two probe blocks and a tail from the single blocks.
+CACHES = {
+    "first-block-cache": ("First Block Cache", lambda model: with_cache(model, 0.8)),
+    "block-cache": ("Block Cache", lambda model: with_block_cache(model, 0.8, 2, probe_blocks=2, tail_blocks=1)),
+}
+
+
 @needs_cuda
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("conds", ["batched", "one call each"])
-def test_first_block_cache_replays_its_graph_segments_as_launched_bit_for_bit(fp8, conds, caplog_info):
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_the_caches_replay_their_graph_segments_as_launched_bit_for_bit(fp8, conds, cache, caplog_info):
     """The CPU tests of test_graph_segments.py on CUDA graphs, with the blocks compiled."""
+    name, cached = CACHES[cache]
     model = gpu_like_flux(dtype=torch.bfloat16)
     if conds == "one call each":
         model.model.memory_usage_factor = 1e12  # no room to batch: cond and uncond in a call each
     model = FP8DynamicQuantize.execute(model, "per-row", "").result[0] if fp8 else model
-    expected = ksample(with_cache(launched_one_by_one(model), 0.8), steps=8, cfg=2.0)
+    expected = ksample(cached(launched_one_by_one(model)), steps=8, cfg=2.0)
     expected_steps = cache_summaries(caplog_info)[-1]
     assert 0 < expected_steps[2] < 8
-    replaying = with_cache(compiled(model), 0.8)
+    replaying = cached(compiled(model))
     for _ in range(2):
         assert torch.equal(ksample(replaying, steps=8, cfg=2.0), expected)
         assert cache_summaries(caplog_info)[-1] == expected_steps
     calls = 8 if conds == "batched" else 16
     assert cuda_graph_reports(caplog_info)[-1].startswith(
-        f"{calls} of {calls} model calls replayed from CUDA graphs ({3 * calls} graph segments, split where First "
-        "Block Cache decides")
+        f"{calls} of {calls} model calls replayed from CUDA graphs ({3 * calls} graph segments, split where {name} "
+        "decides")
 
 
 @needs_cuda

@@ -292,14 +292,18 @@ def test_ring_attention_over_shares_that_do_not_divide_gets_a_clear_error():
     (2, 1, 2, False, 32),
     pytest.param(4, 2, 1, True, 32, marks=needs_ranks(4)),
 ])
-@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "first-block-cache"])
+@pytest.mark.parametrize("cache", [None, "First Block Cache", "Block Cache"])
 def test_every_rank_replays_its_share_from_cuda_graphs_as_launched(gpus, ulysses_degree, ring_degree, cfg_parallel,
-                                                                   size, cached, caplog_info):
+                                                                   size, cache, caplog_info):
     model = gpu_like_flux(dtype=torch.bfloat16)
+    cached = cache is not None
 
     def parallel_stack(cuda_graphs):
         stack = CompileFlux.execute(model, "default", "automatic", cuda_graphs).result[0]
-        stack = with_cache(stack, REUSING_THRESHOLD) if cached else stack
+        if cache == "First Block Cache":
+            stack = with_cache(stack, REUSING_THRESHOLD)
+        elif cache == "Block Cache":
+            stack = with_block_cache(stack, REUSING_THRESHOLD, 2, probe_blocks=3, tail_blocks=1)
         return across(stack, gpus, ulysses_degree, ring_degree, cfg_parallel=cfg_parallel)
 
     positive = conditioning(tokens=8, seed=1)
@@ -313,9 +317,8 @@ def test_every_rank_replays_its_share_from_cuda_graphs_as_launched(gpus, ulysses
     [*_, report] = [message for record in caplog_info.records if (message := record.getMessage()).startswith("Compile FLUX")]
     assert "; 8 of 8 model calls replayed from CUDA graphs (" in report
     if cached:
-        assert "First Block Cache decides" in report
-        assert context_parallel_reports(caplog_info)[-1].endswith(
-            "First Block Cache took the same 8 decisions on every rank")
+        assert f"{cache} decides" in report
+        assert context_parallel_reports(caplog_info)[-1].endswith(f"{cache} took the same 8 decisions on every rank")
 
 
 def test_cancel_stops_every_rank_and_the_next_prompt_works():
