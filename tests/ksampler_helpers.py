@@ -27,6 +27,18 @@ def ksample(model, positive=None, negative=None, seed=0, steps=6, cfg=1.0, size=
     return out["samples"]
 
 
+def assert_replays_as_launched(launched, replaying, caplog, runs=2, **sampling):
+    """Samples `launched` once, then `replaying` `runs` times with the same `sampling` arguments: each
+    latent and cache report must equal the launched run's, bit for bit. Returns that cache report
+    (computed, total, reused)."""
+    expected = ksample(launched, **sampling)
+    expected_steps = cache_summaries(caplog)[-1]
+    for _ in range(runs):
+        assert torch.equal(ksample(replaying, **sampling), expected)
+        assert cache_summaries(caplog)[-1] == expected_steps
+    return expected_steps
+
+
 def cache_summaries(caplog):
     """(computed, total, reused) for every First Block Cache report logged so far."""
     return [report for record in caplog.records if (report := parse_cache_report(record.getMessage()))]

@@ -21,8 +21,8 @@ from fluxaccel.nodes.compile import BACKEND_KEY, CUDA_GRAPHS_KEY, CompileFlux, c
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 from cache_reports import cuda_graphs_report, parse_compile_report
 from flux_fixtures import tiny_flux_patcher
-from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, tiny_lora,
-                              with_block_cache, with_cache, with_lora)
+from ksampler_helpers import (assert_replays_as_launched, cache_summaries, conditioning, gpu_like_flux, ksample,
+                              relative_error, tiny_lora, with_block_cache, with_cache, with_lora)
 
 # fp32 on the CPU: inductor's fused kernels reorder sums, nothing more.
 FP32_ROUNDING = 1e-5
@@ -285,13 +285,9 @@ def test_the_caches_replay_their_graph_segments_as_launched_bit_for_bit(fp8, con
     if conds == "one call each":
         model.model.memory_usage_factor = 1e12  # no room to batch: cond and uncond in a call each
     model = FP8DynamicQuantize.execute(model, "per-row", "").result[0] if fp8 else model
-    expected = ksample(cached(launched_one_by_one(model)), steps=8, cfg=2.0)
-    expected_steps = cache_summaries(caplog_info)[-1]
-    assert 0 < expected_steps[2] < 8
-    replaying = cached(compiled(model))
-    for _ in range(2):
-        assert torch.equal(ksample(replaying, steps=8, cfg=2.0), expected)
-        assert cache_summaries(caplog_info)[-1] == expected_steps
+    _, _, reused = assert_replays_as_launched(cached(launched_one_by_one(model)), cached(compiled(model)), caplog_info,
+                                              steps=8, cfg=2.0)
+    assert 0 < reused < 8
     calls = 8 if conds == "batched" else 16
     assert cuda_graph_reports(caplog_info)[-1].startswith(
         f"{calls} of {calls} model calls replayed from CUDA graphs ({3 * calls} graph segments, split where {name} "

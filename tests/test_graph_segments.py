@@ -16,8 +16,8 @@ from fluxaccel.nodes.compile import CUDA_GRAPHS_KEY, CompileFlux, use_cuda_graph
 from fluxaccel.nodes.context_parallel import ContextParallel
 from fluxaccel.nodes.first_block_cache import COMPUTE, REUSE
 from graph_stand_in import TapeRecorder
-from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, tiny_lora, with_block_cache,
-                              with_cache, with_lora)
+from ksampler_helpers import (assert_replays_as_launched, cache_summaries, conditioning, gpu_like_flux, ksample,
+                              tiny_lora, with_block_cache, with_cache, with_lora)
 from test_compile import cuda_graph_reports, launched_one_by_one as launched, recording_blocks
 
 REUSING_THRESHOLD = 0.8
@@ -42,15 +42,11 @@ def split_conds():
 
 
 def test_segments_replay_the_launched_cached_run_bit_for_bit(caplog_info):
-    model = gpu_like_flux()
-    expected = ksample(with_cache(launched(model), REUSING_THRESHOLD), steps=8)
-    expected_steps = cache_summaries(caplog_info)[-1]
-    assert 0 < expected_steps[2] < 8, "some steps reused, some computed"
-    recorder = TapeRecorder()
+    model, recorder = gpu_like_flux(), TapeRecorder()
     replaying = with_cache(graphs_of(model, recorder), REUSING_THRESHOLD)
-    for _ in range(2):
-        assert torch.equal(ksample(replaying, steps=8), expected)
-        assert cache_summaries(caplog_info)[-1] == expected_steps
+    _, _, reused = assert_replays_as_launched(with_cache(launched(model), REUSING_THRESHOLD), replaying, caplog_info,
+                                              steps=8)
+    assert 0 < reused < 8, "some steps reused, some computed"
     first, second = cuda_graph_reports(caplog_info)[-2:]
     assert first == ("6 of 8 model calls replayed from CUDA graphs (18 graph segments, split where First Block Cache "
                      "decides; 1 call captured, in 4 segments)")
@@ -70,13 +66,10 @@ def test_each_conditioning_keeps_its_own_residuals(conds, calls, caplog_info):
     positive, negative = split_conds() if conds == "text lengths differ" else (conditioning(seed=1), conditioning(seed=2))
     if conds.startswith("two prompts"):
         positive = positive + conditioning(seed=3)
-    expected = ksample(with_cache(launched(model), REUSING_THRESHOLD), positive, negative, cfg=3.0, steps=8)
-    expected_steps = cache_summaries(caplog_info)[-1]
-    assert 0 < expected_steps[2] < 8
-    replaying = with_cache(graphs_of(model, TapeRecorder()), REUSING_THRESHOLD)
-    for _ in range(2):
-        assert torch.equal(ksample(replaying, positive, negative, cfg=3.0, steps=8), expected)
-        assert cache_summaries(caplog_info)[-1] == expected_steps
+    _, _, reused = assert_replays_as_launched(
+        with_cache(launched(model), REUSING_THRESHOLD), with_cache(graphs_of(model, TapeRecorder()), REUSING_THRESHOLD),
+        caplog_info, positive=positive, negative=negative, cfg=3.0, steps=8)
+    assert 0 < reused < 8
     assert cuda_graph_reports(caplog_info)[-1].startswith(f"{calls} of {calls} model calls replayed")
 
 
@@ -84,12 +77,8 @@ def test_each_conditioning_keeps_its_own_residuals(conds, calls, caplog_info):
                                     dict(start_percent=0.5, max_consecutive_hits=2)])
 def test_cache_window_and_hit_limit_keep_their_meaning(window, caplog_info):
     model = gpu_like_flux()
-    expected = ksample(with_cache(launched(model), 100.0, **window), steps=10)
-    expected_steps = cache_summaries(caplog_info)[-1]
-    replaying = with_cache(graphs_of(model, TapeRecorder()), 100.0, **window)
-    for _ in range(2):
-        assert torch.equal(ksample(replaying, steps=10), expected)
-        assert cache_summaries(caplog_info)[-1] == expected_steps
+    assert_replays_as_launched(with_cache(launched(model), 100.0, **window),
+                               with_cache(graphs_of(model, TapeRecorder()), 100.0, **window), caplog_info, steps=10)
     assert cuda_graph_reports(caplog_info)[-1].startswith("10 of 10 model calls replayed")
 
 
@@ -108,13 +97,9 @@ def test_block_cache_replays_the_launched_run_bit_for_bit(order, probe_blocks, t
         return with_block_cache(stack, 0.5, order, probe_blocks=probe_blocks, tail_blocks=tail_blocks,
                                 every_n_steps=every_n_steps)
 
-    expected = ksample(cached(launched(model)), steps=10, cfg=2.0)
-    expected_steps = cache_summaries(caplog_info)[-1]
-    assert 0 < expected_steps[2] < 10
-    replaying = cached(graphs_of(model, TapeRecorder()))
-    for _ in range(2):
-        assert torch.equal(ksample(replaying, steps=10, cfg=2.0), expected)
-        assert cache_summaries(caplog_info)[-1] == expected_steps
+    _, _, reused = assert_replays_as_launched(cached(launched(model)), cached(graphs_of(model, TapeRecorder())),
+                                              caplog_info, steps=10, cfg=2.0)
+    assert 0 < reused < 10
     calls = 10 if conds == "batched" else 20
     assert cuda_graph_reports(caplog_info)[-1].startswith(
         f"{calls} of {calls} model calls replayed from CUDA graphs ({3 * calls} graph segments, split where Block Cache "
