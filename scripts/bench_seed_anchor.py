@@ -36,7 +36,12 @@ fp8dq+compile with torchao's own inductor settings did not finish compiling with
 --no-torchao-inductor-config its first run (mostly compilation) took 156 s. Run compiled variants
 in their own call, starting with `eager` (the speedup reference).
 
-Needs diffusers (0.42.1 used) and para-attn (0.3.38) for fbc-*, torchao (0.17) for fp8dq.
+Needs diffusers (0.42.1 used) and para-attn (0.3.38) for fbc-*, torchao (0.17) for fp8dq. On the
+lent GPU, where ComfyUI is not needed and lab/ with the repository is over a call's 64 MiB, carry
+lab/whl-anchor, lab/whl and lab/stubs (not ComfyUI.tgz) and install them instead of the bootstrap:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site lab/whl-anchor/*.whl \
+        lab/whl/torchao-*.whl lab/whl/para_attn-*.whl && export PYTHONPATH=/tmp/site:lab/stubs
 """
 import argparse
 import functools

@@ -1,7 +1,8 @@
 # Device-only set-up for running real ComfyUI + this pack on the lent GPU machine (no internet).
 # Build what it reads here first, with `bash scripts/make_device_carry.sh` (it fills lab/), then source
-# it from the repository root, with `lab` named in the run's `carry`:
+# it from the repository root, with lab/ComfyUI.tgz, lab/whl, lab/whl-opt and lab/stubs named in the run's `carry`:
 #     source scripts/device_bootstrap.sh && python3 scripts/bench_flux.py ...
+# (diffusers, in lab/whl-anchor, is for the seed anchor alone: see scripts/bench_seed_anchor.py.)
 # It: installs lab/whl/*.whl (only packages the device image lacks) into /tmp/site; puts /tmp/site and
 # the PyAV stand-in lab/stubs on PYTHONPATH; unpacks lab/ComfyUI.tgz to /tmp/ComfyUI; links this checkout
 # as /tmp/ComfyUI/custom_nodes/comfyui-fluxaccel; exports COMFYUI_DIR=/tmp/ComfyUI.
@@ -22,7 +23,7 @@ _bs_main() {
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)" \
         || { _bs_fail "cannot find the repository root from ${BASH_SOURCE[0]}"; return 1; }
     [ -f "$repo/lab/ComfyUI.tgz" ] && [ -d "$repo/lab/whl" ] && [ -d "$repo/lab/stubs/av" ] \
-        || { _bs_fail "no lab/ComfyUI.tgz, lab/whl or lab/stubs/av under $repo: build them with scripts/make_device_carry.sh and name 'lab' in the run's carry"; return 1; }
+        || { _bs_fail "no lab/ComfyUI.tgz, lab/whl or lab/stubs/av under $repo: build them with scripts/make_device_carry.sh and name lab/ComfyUI.tgz, lab/whl, lab/whl-opt and lab/stubs in the run's carry"; return 1; }
     command -v python3 >/dev/null || { _bs_fail "python3 not found"; return 1; }
 
     # typing_extensions: pydantic 2.14 needs >= 4.16; carry it only where the device's own is older.
@@ -61,7 +62,7 @@ site = sys.argv[1]
 bad = []
 for m in ["torchsde", "trampoline", "comfy_kitchen", "comfy_aimdo", "pydantic", "pydantic_core",
           "pydantic_settings", "sqlalchemy", "alembic", "mako", "simpleeval", "blake3", "torchao",
-          "diffusers", "para_attn", "av"]:
+          "para_attn", "av"]:
     if importlib.util.find_spec(m) is None:
         bad.append("missing " + m)
 for m in ["torch", "numpy", "triton", "torchvision", "torchaudio", "scipy", "transformers", "safetensors",

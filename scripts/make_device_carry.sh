@@ -8,6 +8,8 @@
 #   ComfyUI.tgz   ComfyUI 0.30.0 source, slimmed (see comfyui_file_list for what is left out and why)
 #   whl/          Python 3.12 x86-64 wheels of the packages the device image lacks
 #   whl-opt/      typing_extensions, installed on the device only where its own is too old
+#   whl-anchor/   diffusers, for scripts/bench_seed_anchor.py alone: carry lab/whl-anchor only in the
+#                 call that runs it (with the repository, the whole of lab/ is over a call's 64 MiB)
 #   stubs/av      the PyAV stand-in (benchmarks only; never part of the pack's runtime or CI)
 # A relative TARGET is taken from the current directory. Run it here, where PyPI can be reached;
 # re-running it downloads only the wheels that are missing and rebuilds the rest.
@@ -33,7 +35,9 @@ COMFY_WHEELS=(
     simpleeval==1.0.8 blake3==1.0.11
 )
 # The pack's optional back-ends, compared in its benchmarks:
-PACK_WHEELS=(torchao==0.17.0 diffusers==0.42.1)
+PACK_WHEELS=(torchao==0.17.0)
+# The seed anchor's FLUX transformer, carried only by the call that runs the anchor:
+ANCHOR_WHEELS=(diffusers==0.42.1)
 # para-attn ships an sdist only; it is pure Python, so one wheel built here serves Python 3.12 there.
 PARA_ATTN=para-attn==0.3.38
 # pydantic 2.14 needs typing_extensions >= 4.16; the bootstrap adds it only where the device's is older.
@@ -224,7 +228,8 @@ copy_av_stub() {
 
 check_size() {
     local out="$1" bytes
-    bytes="$(du -sb "$out" | cut -f1)"
+    # What a call other than the seed anchor's carries: everything but whl-anchor.
+    bytes="$(du -sb --exclude=whl-anchor "$out" | cut -f1)"
     log "$out: $(awk -v b="$bytes" 'BEGIN { printf "%.1f MiB", b / 1048576 }') in all"
     (( bytes <= MAX_MIB * 1048576 )) || die "$out is over ${MAX_MIB} MiB: it would not fit in one call with the repository"
 }
@@ -240,9 +245,11 @@ main() {
     build_para_attn "$out/whl"
     trim_wheels "$out/whl"
     fetch_wheels "$out/whl-opt" "${OPT_WHEELS[@]}"
+    fetch_wheels "$out/whl-anchor" "${ANCHOR_WHEELS[@]}"
     copy_av_stub "$out"
     check_size "$out"
-    log "done: carry it as 'lab' and 'source scripts/device_bootstrap.sh' on the device"
+    log "done: carry lab/ComfyUI.tgz, lab/whl, lab/whl-opt, lab/stubs (and lab/whl-anchor for the seed anchor)"
+    log "and 'source scripts/device_bootstrap.sh' on the device"
 }
 
 main "$@"
