@@ -3,10 +3,11 @@ which tokens, attention across ranks (para-attn's Ulysses all-to-all and ring), 
 
 Layout: the world's ranks form `batch` groups (CFG parallel: each takes a share of the batch) of
 `ring` groups of `ulysses` consecutive ranks. Within its batch group, rank r holds the r-th share
-of the image's token rows and of the text tokens; its local sequence is [its text, its image rows],
-each padded to the longest share so every rank holds the same number of tokens (what the
-all-to-all needs). Ulysses gathers the sequence of its group for 1/ulysses of the heads;
-ring attention then passes keys and values around the ring groups. Attention does not care about
+of the image's token rows, of the text tokens and of the reference images' tokens (FLUX Kontext's,
+if any); its local sequence is [its text, its image rows, its reference tokens], each padded to the
+longest share so every rank holds the same number of tokens (what the all-to-all needs). Ulysses
+gathers the sequence of its group for 1/ulysses of the heads; ring attention then passes keys and
+values around the ring groups. Attention does not care about
 the order of the tokens it sees, as long as each token keeps its own position encoding, which is
 why each rank encodes positions from its own tokens' ids.
 
@@ -62,11 +63,13 @@ def balanced_shares(total: int, parts: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class TokenShard:
-    """One rank's tokens of one forward: image token rows and text tokens, padded to equal lengths."""
+    """One rank's tokens of one forward: image token rows, text tokens and reference image tokens,
+    each padded to equal lengths."""
     rank: int
     row_shares: tuple  # (start, count) of image token rows, per rank
     text_shares: tuple  # (start, count) of text tokens, per rank
     row_tokens: int  # image tokens per row
+    reference_shares: tuple  # (start, count) of the reference images' tokens, per rank (counts 0 without)
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -85,36 +88,52 @@ class TokenShard:
         return max(count for _, count in self.text_shares)
 
     @property
+    def reference(self) -> tuple[int, int]:
+        return self.reference_shares[self.rank]
+
+    @property
+    def padded_reference_tokens(self) -> int:
+        return max(count for _, count in self.reference_shares)
+
+    @property
     def image_tokens(self) -> int:
         return self.rows[1] * self.row_tokens
 
     @property
     def padded(self) -> bool:
-        return (len({count for _, count in self.row_shares}) > 1
-                or len({count for _, count in self.text_shares}) > 1)
+        return any(len({count for _, count in shares}) > 1
+                   for shares in (self.row_shares, self.text_shares, self.reference_shares))
 
     def image_token_range(self) -> tuple[int, int]:
         start, count = self.rows
         return start * self.row_tokens, (start + count) * self.row_tokens
 
     def key_padding_mask(self, dtype, device) -> torch.Tensor:
-        """Additive mask over the gathered sequence (all ranks' [text, image] in rank order):
+        """Additive mask over the gathered sequence (all ranks' [text, image, reference] in rank order):
         0 for real tokens, -inf for padding, shaped to broadcast over batch, heads and queries.
         Filled on the device (no copy from the host, which a CUDA graph could not hold)."""
-        mask = torch.zeros(len(self.row_shares) * (self.padded_text_tokens + self.padded_image_tokens),
-                           dtype=dtype, device=device)
+        padded = (self.padded_text_tokens, self.padded_image_tokens, self.padded_reference_tokens)
+        mask = torch.zeros(len(self.row_shares) * sum(padded), dtype=dtype, device=device)
         position = 0
-        for (_, text_count), (_, row_count) in zip(self.text_shares, self.row_shares):
-            image_count = row_count * self.row_tokens
-            for count, padded in ((text_count, self.padded_text_tokens), (image_count, self.padded_image_tokens)):
-                mask[position + count:position + padded].fill_(float("-inf"))
-                position += padded
+        for (_, text_count), (_, row_count), (_, reference_count) in zip(self.text_shares, self.row_shares,
+                                                                        self.reference_shares):
+            for count, length in zip((text_count, row_count * self.row_tokens, reference_count), padded):
+                mask[position + count:position + length].fill_(float("-inf"))
+                position += length
         return mask.view(1, 1, 1, -1)
 
 
-def token_shard(rank: int, world_size: int, token_rows: int, row_tokens: int, text_tokens: int) -> TokenShard:
+def token_shard(rank: int, world_size: int, token_rows: int, row_tokens: int, text_tokens: int,
+                reference_tokens: int = 0) -> TokenShard:
     return TokenShard(rank, tuple(balanced_shares(token_rows, world_size)),
-                      tuple(balanced_shares(text_tokens, world_size)), row_tokens)
+                      tuple(balanced_shares(text_tokens, world_size)), row_tokens,
+                      tuple(balanced_shares(reference_tokens, world_size)))
+
+
+def shard_references(tokens: torch.Tensor, shard: TokenShard) -> torch.Tensor:
+    """This rank's share of the reference tokens (all of them, along dim 1), padded."""
+    start, count = shard.reference
+    return pad_tokens(tokens[:, start:start + count], shard.padded_reference_tokens)
 
 
 def pad_tokens(tokens: torch.Tensor, length: int) -> torch.Tensor:

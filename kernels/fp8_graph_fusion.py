@@ -37,15 +37,26 @@ FMA = inductor_prims.fma
 RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
+# The names under which the pass counts its rewrites (the Compile FLUX line reports them).
+GELU_SITES = "GELU into FP8 rows"
+LAYER_NORM_SITES = "layer norm + modulation into FP8 rows"
+
+
 class FuseIntoQuantization(CustomGraphPass):
-    """Inductor's `post_grad_custom_post_pass`: rewrites every fusable quantization in a graph."""
+    """Inductor's `post_grad_custom_post_pass`: rewrites every fusable quantization in a graph, adding
+    the rewrites of each kind to `rewrites` (a Counter)."""
+
+    def __init__(self, rewrites):
+        self.rewrites = rewrites
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         wide_rows = [node for node in graph.nodes if node.target == QUANTIZE_WIDE_ROWS]
         fp8_casts = [node for node in graph.nodes if is_fp8_cast(node)]
-        fused = sum(fuse_gelu(graph, node) for node in wide_rows)
-        fused += sum(fuse_modulated_layer_norm(graph, node) for node in fp8_casts)
-        if fused:
+        gelus = sum(fuse_gelu(graph, node) for node in wide_rows)
+        layer_norms = sum(fuse_modulated_layer_norm(graph, node) for node in fp8_casts)
+        self.rewrites[GELU_SITES] += gelus
+        self.rewrites[LAYER_NORM_SITES] += layer_norms
+        if gelus or layer_norms:
             graph.eliminate_dead_code()
 
     def uuid(self):
@@ -294,7 +305,7 @@ def as_rows(graph, node):
     return rows
 
 
-def inductor_options():
-    """Inductor config patches that install the pass (compile_fx's `config_patches`)."""
-    return {"post_grad_custom_post_pass": FuseIntoQuantization()}
+def inductor_options(rewrites):
+    """Inductor config patches that install the pass (compile_fx's `config_patches`), counting into `rewrites`."""
+    return {"post_grad_custom_post_pass": FuseIntoQuantization(rewrites)}
 

@@ -8,7 +8,8 @@ short, and parameters as inputs are why changed weights (a LoRA) need no recompi
 import functools
 import os
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,10 +27,18 @@ DYNAMIC_SHAPES = {"automatic": None, "dynamic": True, "static": False}
 RECOMPILE_LIMIT = 64
 
 
+# The name under which the q/k norm + RoPE rewrite's sites are counted.
+QK_NORM_ROPE_SITES = "q/k norm + RoPE"
+
+
 @dataclass
 class CompileCounter:
     graphs: int = 0
     seconds: float = 0.0
+    # Sites each graph pass rewrote, by the pass's name. Inductor's passes (the FP8 ones) run only on graphs
+    # it builds, not on those it finds in its on-disk cache, which `cached_graphs` counts.
+    rewrites: Counter = field(default_factory=Counter)
+    cached_graphs: int = 0
 
 
 class CountingInductorBackend:
@@ -43,9 +52,9 @@ class CountingInductorBackend:
             raise ValueError(f"dynamic shapes must be one of {', '.join(DYNAMIC_SHAPES)}, got {dynamic_shapes!r}.")
         self.settings = (mode, dynamic_shapes)
         self.dynamic = DYNAMIC_SHAPES[dynamic_shapes]
-        self.inductor_options = {**torch._inductor.list_mode_options(mode, self.dynamic),
-                                 **fp8_graph_fusion.inductor_options()}
         self.counter = CompileCounter()
+        self.inductor_options = {**torch._inductor.list_mode_options(mode, self.dynamic),
+                                 **fp8_graph_fusion.inductor_options(self.counter.rewrites)}
         # Called with the graph's number before each compilation, to tell the person waiting.
         self.on_compile_start = None
 
@@ -55,9 +64,11 @@ class CountingInductorBackend:
         if self.on_compile_start is not None:
             self.on_compile_start(self.counter.graphs + 1)
         started = time.perf_counter()
-        qk_norm_rope_fusion.fuse_qk_norm_rope(graph_module)
+        self.counter.rewrites[QK_NORM_ROPE_SITES] += qk_norm_rope_fusion.fuse_qk_norm_rope(graph_module)
+        cache_hits = inductor_cache_hits()
         with inductor_heuristics.wide_row_reductions():
             compiled = compile_fx(graph_module, example_inputs, config_patches=self.inductor_options)
+        self.counter.cached_graphs += inductor_cache_hits() - cache_hits
         self.counter.graphs += 1
         self.counter.seconds += time.perf_counter() - started
         return compiled
@@ -69,6 +80,11 @@ def shared_inductor_backend(mode="default", dynamic_shapes="automatic"):
     object, so a new backend at every node execution would compile everything again."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     return CountingInductorBackend(mode, dynamic_shapes)
+
+
+def inductor_cache_hits():
+    """Graphs inductor has found in its on-disk cache in this process so far."""
+    return torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
 
 
 def graph_break_count():

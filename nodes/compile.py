@@ -26,6 +26,7 @@ Hook-up, through ComfyUI's own extension points:
   (a partial load). Graphs are dropped when the model is unloaded.
 The compiled graphs persist in ComfyUI's user folder, so a restarted ComfyUI compiles in seconds.
 """
+import copy
 import functools
 import os
 
@@ -38,8 +39,10 @@ from comfy_api.latest import ComfyExtension, io
 from comfy_api.torch_helpers import set_torch_compile_wrapper
 
 from ..kernels.cuda_graphs import CallCounts, CudaGraphRecorder, ReplayedCalls, call_signature, weights_signature
-from ..kernels.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, CountingInductorBackend, graph_break_count,
-                                        shared_inductor_backend, use_persistent_compile_cache)
+from ..kernels.fp8_graph_fusion import GELU_SITES, LAYER_NORM_SITES
+from ..kernels.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, QK_NORM_ROPE_SITES, CompileCounter,
+                                        CountingInductorBackend, graph_break_count, shared_inductor_backend,
+                                        use_persistent_compile_cache)
 from ..kernels.rope import interleaved_rope
 from . import CATEGORY, flux_layout
 from .patcher_hooks import keep_conds_on_device, non_dynamic_clone, set_callback, set_wrapper
@@ -51,6 +54,9 @@ WRAPPER_KEY = "fluxaccel.compile"
 CUDA_GRAPHS_KEY = "fluxaccel.cuda_graphs"
 # transformer_options entries ComfyUI sets anew for every call; FLUX's forward does not read them.
 PER_CALL_OPTIONS = ("uuids", "sigmas", "sample_sigmas")
+# The graph passes' sites, in the order the run's line names them: q/k norm + RoPE in every block's
+# attention inputs; with FP8 activations, the MLPs' GELU and the blocks' input layer norms in the FP8 rows.
+GRAPH_PASS_SITES = (QK_NORM_ROPE_SITES, GELU_SITES, LAYER_NORM_SITES)
 # The parts of a model call that decide whether a CUDA graph captured earlier can replay it.
 CALL_PARTS = ("input shapes", "transformer options", "weights")
 
@@ -90,12 +96,21 @@ def forget_inductors_decomposition_snapshot():
         snapshot.cache_clear()
 
 
-def compile_summary(graphs, graph_breaks, inductor_seconds):
+def compile_summary(before: CompileCounter, after: CompileCounter, graph_breaks):
+    """The run's line: graphs compiled, what each graph pass rewrote in them (a pass that stops matching
+    ComfyUI's FLUX blocks shows as 0), graph breaks."""
+    graphs = after.graphs - before.graphs
     if graphs == 0:
         return "Compile FLUX: no graph compiled this run (all shapes seen before)"
     plural = "s" if graphs > 1 else ""
-    return (f"Compile FLUX: {graphs} graph{plural} compiled this run ({inductor_seconds:.1f} s in inductor), "
-            f"{graph_breaks} graph breaks")
+    rewrites = after.rewrites - before.rewrites
+    passes = ", ".join(f"{rewrites[name]} {name}" for name in GRAPH_PASS_SITES)
+    cached = after.cached_graphs - before.cached_graphs
+    if cached:
+        passes += (f" ({cached} of the graphs from inductor's cache, where the FP8 passes had run when they were "
+                   "built)")
+    return (f"Compile FLUX: {graphs} graph{plural} compiled this run ({after.seconds - before.seconds:.1f} s in "
+            f"inductor), sites rewritten: {passes}, {graph_breaks} graph breaks")
 
 
 def announce_compile(graph_number):
@@ -123,14 +138,13 @@ def sample_with_compile_report(executor, *args, **kwargs):
     model_options = executor.class_obj.model_options
     backend: CountingInductorBackend = model_options[BACKEND_KEY]
     forward_graphs: ReplayedForward | None = model_options.get(CUDA_GRAPHS_KEY)
-    graphs, seconds, breaks = backend.counter.graphs, backend.counter.seconds, graph_break_count()
+    before, breaks = copy.deepcopy(backend.counter), graph_break_count()
     if forward_graphs is not None:
         forward_graphs.start_run()
     try:
         return executor(*args, **kwargs)
     finally:
-        summary = compile_summary(backend.counter.graphs - graphs, graph_break_count() - breaks,
-                                  backend.counter.seconds - seconds)
+        summary = compile_summary(before, backend.counter, graph_break_count() - breaks)
         if forward_graphs is not None:
             summary += "; " + cuda_graphs_summary(forward_graphs.counts, forward_graphs.bypass_reason,
                                                   forward_graphs.changed)

@@ -149,13 +149,14 @@ def sample_across_ranks(executor, *args, **kwargs):
     return samples
 
 
-def forward_across_ranks(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
-                         transformer_options={}, **kwargs):
-    """DIFFUSION_MODEL wrapper: one FLUX forward shared by every rank."""
+def forward_across_ranks(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: one forward of a FLUX-family model shared by every rank."""
+    diffusion_model = executor.class_obj
+    inputs, transformer_options = flux_layout.forward_inputs(diffusion_model, args, kwargs)
     run: Optional[ContextParallelRun] = transformer_options.get(RUN_KEY)
     if run is None:
-        return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
-    problem = unsupported_inputs(ref_latents, control, kwargs)
+        return executor(*args, **kwargs)
+    problem = unsupported_inputs(diffusion_model, inputs)
     if problem is not None:
         raise ValueError(f"{NODE_NAME}: {problem}; sample without this node.")
     pool, patcher = run.pool, run.model_patcher
@@ -164,25 +165,23 @@ def forward_across_ranks(executor, x, timestep, context, y=None, guidance=None, 
     try:
         key = replica_key(patcher, model_options)
         pool.ensure_replica(key, lambda: replica_spec(patcher, model_options))
-        whole = {"x": x, "timestep": timestep, "context": context, "y": y, "guidance": guidance, "kwargs": kwargs}
         forward_graphs = model_options.get(compile_node.CUDA_GRAPHS_KEY)
-        order, signature = graph_order(pool, forward_graphs, executor.class_obj,
-                                       [x, timestep, context, y, guidance, ref_latents, control], kwargs,
+        order, signature = graph_order(pool, forward_graphs, diffusion_model, list(inputs.values()), {},
                                        transformer_options)
         tensors = []
-        inputs = to_slots(whole, tensors)
+        slotted = to_slots(inputs, tensors)
         call_options = {name: transformer_options[name] for name in CALL_OPTION_KEYS if name in transformer_options}
-        pool.send(ForwardRequest(inputs, call_options, cache_step(transformer_options), order))
+        pool.send(ForwardRequest(slotted, call_options, cache_step(transformer_options), order))
         pool.send_tensors(tensors)
 
         def run_share(share, options):
-            return executor(share["x"], share["timestep"], share["context"], share["y"], share["guidance"],
-                            ref_latents, control, options, **share["kwargs"])
+            share_args, share_kwargs = flux_layout.forward_call(diffusion_model, share, options)
+            return executor(*share_args, **share_kwargs)
 
         run.forwards += 1
-        run.batch_split_forwards += splits_this_batch(whole, transformer_options, pool.layout.degrees)
+        run.batch_split_forwards += splits_this_batch(inputs, transformer_options, pool.layout.degrees)
         counts = forward_graphs.counts if forward_graphs is not None else CallCounts()
-        result, failure = run_forward_order(order, pool.graphs.calls, run_share, executor.class_obj, whole,
+        result, failure = run_forward_order(order, pool.graphs.calls, run_share, diffusion_model, inputs,
                                             transformer_options, pool.groups, pool.device, counts)
         pool.graphs.planner.settle(signature, order, failure)
         return result
@@ -282,8 +281,9 @@ class ContextParallel(io.ComfyNode):
                              tooltip=("How many GPUs share each forward: ComfyUI's GPU and the next ones. "
                                       "On a CPU-only ComfyUI: how many processes. 1 leaves the model as it is.")),
                 io.Int.Input("ulysses_degree", default=0, min=0, max=64,
-                             tooltip=("GPUs that split the attention heads (all-to-all); must divide FLUX's 24 "
-                                      "heads: 1, 2, 3, 4, 6, 8, 12, 24. 0: gpus / ring_degree.")),
+                             tooltip=("GPUs that split the attention heads (all-to-all); must divide the model's "
+                                      "heads: FLUX.1's and Chroma's 24 (1, 2, 3, 4, 6, 8, 12, 24), FLUX.2 dev's 48. "
+                                      "0: gpus / ring_degree.")),
                 io.Int.Input("ring_degree", default=1, min=1, max=64,
                              tooltip=("GPU groups that pass keys and values around a ring; needs CUDA. "
                                       "ulysses_degree x ring_degree must equal gpus.")),
@@ -305,7 +305,8 @@ class ContextParallel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, gpus, ulysses_degree, ring_degree, port, cfg_parallel, ranks) -> io.NodeOutput:
-        diffusion_model = flux_layout.flux_diffusion_model(model, NODE_NAME)
+        diffusion_model = flux_layout.flux_diffusion_model(model, NODE_NAME, flux_layout.POST_INPUT_CLASSES,
+                                                           flux_layout.POST_INPUT_MODELS)
         if gpus == 1:
             report_run(f"{NODE_NAME}: 1 GPU asked for, the model runs as it is.")
             return io.NodeOutput(model)

@@ -4,8 +4,9 @@ One forward on every rank (ComfyUI's process is rank 0, each extra GPU has a wor
 - the latent's token rows are split across ranks and each rank runs FLUX on its rows, so ComfyUI's
   own `_forward` patchifies, embeds and unpatchifies its share;
 - a `patches["post_input"]` hook (run after the embedders) takes this rank's share of the text
-  tokens, pads both shares to the common length, and gives the image tokens their positions in
-  the whole image, so each rank's RoPE comes from its own tokens' ids;
+  tokens and of the reference images' tokens (FLUX Kontext), pads the shares to the common lengths,
+  and gives the image tokens their positions in the whole image, so each rank's RoPE comes from its
+  own tokens' ids;
 - an `optimized_attention_override` runs attention across ranks (Ulysses, ring), with ComfyUI's
   own attention function on each rank's heads;
 - the ranks' output rows are all-gathered into the whole prediction.
@@ -31,7 +32,7 @@ import comfy.utils
 
 from ..kernels.context_parallel import (ParallelDegrees, RankGroups, ShardedForward, all_ranks_agree, batch_share,
                                         gather_batch, gather_rows, make_rank_groups, pad_tokens, parallel_attention,
-                                        shard_text, splits_batch, token_shard)
+                                        shard_references, shard_text, splits_batch, token_shard)
 from ..kernels.cuda_graphs import CallCounts, CapturedCalls, CudaGraphRecorder, GraphOrder
 from ..kernels.residual_cache import CachePolicy, ResidualCache
 from ..kernels.regional_compile import shared_inductor_backend
@@ -48,14 +49,21 @@ CALL_OPTION_KEYS = ("cond_or_uncond", "uuids")
 # ---- the sharded forward (every rank) ----
 
 def shard_tokens(args):
-    """`patches["post_input"]` hook: this rank's text share, both shares padded, image positions in the whole image."""
+    """`patches["post_input"]` hook: this rank's text share, image positions in the whole image, and its
+    share of the reference images' tokens (FLUX Kontext's: ComfyUI appends all of them to each rank's image
+    tokens, with their positions), each share padded."""
     sharded: Optional[ShardedForward] = args["transformer_options"].get(flux_layout.SHARDED_FORWARD_KEY)
     if sharded is None:
         return args
     shard = sharded.shard
-    return {"img": pad_tokens(args["img"], shard.padded_image_tokens),
+    image, image_ids = pad_tokens(args["img"][:, :shard.image_tokens], shard.padded_image_tokens), sharded.image_ids
+    if shard.padded_reference_tokens:
+        references, reference_ids = (tokens[:, shard.image_tokens:] for tokens in (args["img"], args["img_ids"]))
+        image = torch.cat((image, shard_references(references, shard)), 1)
+        image_ids = torch.cat((image_ids, shard_references(reference_ids, shard)), 1)
+    return {"img": image,
             "txt": shard_text(args["txt"], shard),
-            "img_ids": sharded.image_ids,
+            "img_ids": image_ids,
             "txt_ids": shard_text(args["txt_ids"], shard)}
 
 
@@ -111,7 +119,7 @@ def rank_options(inputs: dict, options, groups: RankGroups):
 def forward_on_rank(run, diffusion_model, inputs: dict, options, groups: RankGroups):
     """This rank's part of one FLUX forward; returns the whole prediction.
 
-    `inputs` holds the forward's whole x, timestep, context, y, guidance and kwargs;
+    `inputs` holds the forward's whole inputs by name (flux_layout.forward_inputs);
     `run(inputs, options)` runs the diffusion model on a share of them.
     """
     if not splits_this_batch(inputs, options, groups.degrees):
@@ -142,13 +150,17 @@ def forward_rows_on_rank(run, diffusion_model, inputs: dict, options, groups: Ra
     token_rows, row_tokens = x.shape[-2] // patch, x.shape[-1] // patch
     ranks = groups.degrees.sequence_size
     text_tokens = inputs["context"].shape[1]
+    reference_tokens = sum(-(-reference.shape[-2] // patch) * -(-reference.shape[-1] // patch)
+                           for reference in inputs.get("ref_latents") or ())
     if token_rows < ranks:
         raise ValueError(f"the latent has {token_rows} token rows, fewer than the {ranks} GPUs sharing them; "
                          "use a larger image or fewer GPUs.")
-    shard = token_shard(groups.sequence_rank, ranks, token_rows, row_tokens, text_tokens)
+    shard = token_shard(groups.sequence_rank, ranks, token_rows, row_tokens, text_tokens, reference_tokens)
     if shard.padded and groups.degrees.ring > 1:
-        raise ValueError(f"ring attention needs the image's {token_rows} token rows and the prompt's {text_tokens} "
-                         f"tokens to divide by {ranks} GPUs; change the size or use Ulysses only (ring degree 1).")
+        references = f", the reference images' {reference_tokens} tokens" if reference_tokens else ""
+        raise ValueError(f"ring attention needs the image's {token_rows} token rows, the prompt's {text_tokens} "
+                         f"tokens{references} to divide by {ranks} GPUs; change the size or use Ulysses only "
+                         "(ring degree 1).")
     _, image_ids = diffusion_model.process_img(x, transformer_options=options)
     start, end = shard.image_token_range()
     sharded = ShardedForward(groups, shard, pad_tokens(image_ids[:, start:end], shard.padded_image_tokens),
@@ -159,13 +171,21 @@ def forward_rows_on_rank(run, diffusion_model, inputs: dict, options, groups: Ra
     return gather_rows(rows, shard, patch, groups.sequence)[:, :, :height, :width]
 
 
-def unsupported_inputs(ref_latents, control, kwargs) -> Optional[str]:
-    if ref_latents is not None:
-        return "reference latents (FLUX Kontext) are not supported yet"
-    if control is not None:
+# FLUX Kontext's placements of reference images whose token positions do not depend on the image's size,
+# so that each rank's forward, which sees a band of the image's rows, gives them their places in the whole.
+SHARDABLE_REFERENCE_METHODS = ("offset", "index")
+
+
+def unsupported_inputs(diffusion_model, inputs: dict) -> Optional[str]:
+    if inputs.get("control") is not None:
         return "ControlNet is not supported yet"
-    if kwargs.get("attention_mask") is not None:
+    if inputs.get("attention_mask") is not None:
         return "a text attention mask is not supported yet"
+    if inputs.get("ref_latents") is not None:
+        method = inputs.get("ref_latents_method", diffusion_model.params.default_ref_method)
+        if method not in SHARDABLE_REFERENCE_METHODS:
+            return (f"reference latents placed by the '{method}' method are not supported "
+                    f"(only {' and '.join(SHARDABLE_REFERENCE_METHODS)}, FLUX.1 Kontext's and FLUX.2's defaults)")
     return None
 
 
@@ -197,7 +217,7 @@ class CacheStep:
 
 @dataclass
 class ForwardRequest:
-    inputs: dict  # slotted x, timestep, context, y, guidance, kwargs; bytes sent after the request
+    inputs: dict  # the forward's slotted inputs by name (flux_layout.forward_inputs); bytes sent after the request
     call_options: dict
     cache_step: Optional[CacheStep]
     graph_order: GraphOrder  # rank 0's decision on the forward's CUDA graphs, for every rank
@@ -317,8 +337,8 @@ def serve_forward(replica: Replica, request: ForwardRequest, mirror: MirroredCac
     options = {**replica.options, **request.call_options, **mirror.options(request.cache_step)}
 
     def run_share(share, share_options):
-        return replica.diffusion_model(share["x"], share["timestep"], share["context"], share["y"], share["guidance"],
-                                       None, None, share_options, **share["kwargs"])
+        share_args, share_kwargs = flux_layout.forward_call(replica.diffusion_model, share, share_options)
+        return replica.diffusion_model(*share_args, **share_kwargs)
 
     with torch.inference_mode():
         run_forward_order(request.graph_order, replica.graph_calls, run_share, replica.diffusion_model, inputs, options,

@@ -1,13 +1,14 @@
 """FLUX-architecture models built from ComfyUI's own classes, for tests and the demo.
 
 Two kinds:
-- `tiny_flux_patcher`: a few-thousand-parameter FLUX built directly from
-  `comfy.supported_models.Flux` + `comfy.model_base.Flux`, wrapped in a real ModelPatcher.
+- `tiny_flux_patcher`: a few-thousand-parameter model of the FLUX family (FLUX.1, FLUX.2 or Chroma:
+  `TINY_FAMILY`) built directly from ComfyUI's supported-model and model classes, wrapped in a real
+  ModelPatcher.
 - `write_test_model_files`: safetensors files that ComfyUI's own loaders detect (UNETLoader sees a
-  FLUX with hidden 3072 and one double + one single block; CLIPLoader a CLIP-L; VAELoader the
-  FLUX autoencoder; LoraLoaderModelOnly a LoRA for that FLUX), so end-to-end workflows run through
-  the real loaders. The FLUX takes CLIP-L's 768-wide text states (ComfyUI reads `context_in_dim`
-  from the weights): no T5-XXL is needed.
+  FLUX with hidden 3072 and one double + one single block, and a FLUX.2 of hidden 256; CLIPLoader a
+  CLIP-L; VAELoader the FLUX and FLUX.2 autoencoders; LoraLoaderModelOnly a LoRA for that FLUX), so
+  end-to-end workflows run through the real loaders. Both diffusion models take CLIP-L's 768-wide
+  text states (ComfyUI reads `context_in_dim` from the weights): no T5-XXL or Mistral is needed.
 
 Run as a script with the ComfyUI folder as argument to write the files (skips existing ones).
 """
@@ -73,13 +74,69 @@ def tiny_flux_unet_config(hidden_size=64, depth=2, depth_single_blocks=3, contex
     }
 
 
-def randomize_(module, seed):
+def flux2_unet_config(hidden_size, depth, depth_single_blocks, context_in_dim, guidance_embed=True):
+    """The unet_config ComfyUI's detection (comfy/model_detection.py) gives a FLUX.2 state dict of these
+    sizes: global modulation, SwiGLU MLPs, no biases, four RoPE axes of 32 (heads of 128), patch size 1 on
+    128 latent channels. FLUX.2 dev embeds guidance; klein, distilled, has no guidance embedder."""
+    return {
+        "image_model": "flux2",
+        "in_channels": 128,
+        "out_channels": 128,
+        "vec_in_dim": None,
+        "context_in_dim": context_in_dim,
+        "hidden_size": hidden_size,
+        "mlp_ratio": 3.0,
+        "num_heads": hidden_size // 128,
+        "depth": depth,
+        "depth_single_blocks": depth_single_blocks,
+        "axes_dim": [32, 32, 32, 32],
+        "theta": 2000,
+        "patch_size": 1,
+        "qkv_bias": False,
+        "guidance_embed": guidance_embed,
+        "txt_ids_dims": [3],
+        "global_modulation": True,
+        "mlp_silu_act": True,
+        "ops_bias": False,
+        "default_ref_method": "index",
+        "ref_index_scale": 10.0,
+    }
+
+
+def tiny_flux2_unet_config(hidden_size=64, depth=2, depth_single_blocks=3, context_in_dim=32, guidance_embed=True):
+    """unet_config of a small FLUX.2: FLUX.2's own with heads of 16 (four RoPE axes of 4), four at hidden 64."""
+    config = flux2_unet_config(hidden_size, depth, depth_single_blocks, context_in_dim, guidance_embed)
+    config.update(axes_dim=[4, 4, 4, 4], num_heads=hidden_size // 16)
+    return config
+
+
+def tiny_chroma_unet_config(hidden_size=64, depth=2, depth_single_blocks=3, context_in_dim=32):
+    """unet_config of a small Chroma: the small FLUX.1's blocks, no pooled vector or guidance embedder, its
+    modulations from the distilled guidance layer (input width 64, fixed by the model's code: 16 timestep +
+    16 guidance + 32 index features; patched latent channels in and out, 16 x 2 x 2)."""
+    config = tiny_flux_unet_config(hidden_size, depth, depth_single_blocks, context_in_dim, vec_in_dim=None)
+    del config["guidance_embed"]
+    config.update(image_model="chroma", in_channels=64, out_channels=64, in_dim=64, out_dim=hidden_size, hidden_dim=32,
+                  n_layers=2)
+    return config
+
+
+# The tiny models of ComfyUI's FLUX family: (unet_config builder, ComfyUI's supported-model class name).
+# FLUX.1 Kontext is the FLUX.1 model given reference latents in its conditioning.
+TINY_FAMILY = {
+    "flux1": (tiny_flux_unet_config, "Flux"),
+    "flux2": (tiny_flux2_unet_config, "Flux2"),
+    "chroma": (tiny_chroma_unet_config, "Chroma"),
+}
+
+
+def randomize_(module, seed, weight_std=WEIGHT_STD):
     """Fills every weight deterministically: small normal matrices, zero biases, unit norm scales."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in sorted(module.state_dict().items()):
             if tensor.ndim >= 2:
-                values = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * WEIGHT_STD
+                values = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * weight_std
             elif name.endswith("bias"):
                 values = torch.zeros(tensor.shape)
             else:
@@ -96,17 +153,19 @@ def flux_dev_width_unet_config(depth, depth_single_blocks, context_in_dim):
     return config
 
 
-def tiny_flux_patcher(seed=0, dtype=torch.float32, **config):
-    """A real ComfyUI ModelPatcher around a tiny FLUX with deterministic random weights."""
+def tiny_flux_patcher(seed=0, dtype=torch.float32, family="flux1", weight_std=WEIGHT_STD, **config):
+    """A real ComfyUI ModelPatcher around a tiny model of the FLUX family (TINY_FAMILY's keys) with
+    deterministic random weights (larger `weight_std`: attention that singles out tokens more)."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
-    unet_config = tiny_flux_unet_config(**config)
-    model_config = comfy.supported_models.Flux(unet_config)
+    make_unet_config, supported_model = TINY_FAMILY[family]
+    unet_config = make_unet_config(**config)
+    model_config = getattr(comfy.supported_models, supported_model)(unet_config)
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
-    randomize_(model.diffusion_model, seed)
+    randomize_(model.diffusion_model, seed, weight_std)
     model.diffusion_model.to(dtype)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
@@ -175,6 +234,8 @@ def write_test_model_files(comfyui_dir):
         ("text_encoders", TEST_CLIP_FILE, clip_l_state_dict),
         ("vae", TEST_VAE_FILE, flux_vae_state_dict),
         ("loras", TEST_LORA_FILE, detectable_flux_lora_state_dict),
+        ("diffusion_models", TEST_FLUX2_UNET_FILE, detectable_flux2_state_dict),
+        ("vae", TEST_FLUX2_VAE_FILE, flux2_vae_state_dict),
     ]
     for folder, filename, make_state_dict in targets:
         path = os.path.join(comfyui_dir, "models", folder, filename)
@@ -188,6 +249,38 @@ def write_test_model_files(comfyui_dir):
     second = os.path.join(comfyui_dir, "models", "diffusion_models", TEST_UNET_SECOND_NAME)
     if not os.path.lexists(second):
         os.symlink(TEST_UNET_FILE, second)
+
+
+# A FLUX.2 that UNETLoader detects as FLUX.2 (comfy.supported_models.Flux2), and a FLUX.2 autoencoder
+# (128 latent channels) that VAELoader detects; the FLUX.2 takes CLIP-L's text states like the test FLUX.
+TEST_FLUX2_UNET_FILE = "fluxaccel-test-flux2.safetensors"
+TEST_FLUX2_VAE_FILE = "fluxaccel-test-flux2-ae.safetensors"
+
+
+def detectable_flux2(device=None):
+    """The smallest FLUX.2 that UNETLoader detects: ComfyUI's detection fixes FLUX.2's RoPE axes (head
+    dim 128) and reads the width from the weights, so hidden 256 (two heads), one double, one single block."""
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    config = flux2_unet_config(hidden_size=256, depth=1, depth_single_blocks=1, context_in_dim=768)
+    return comfy.ldm.flux.model.Flux(**config, dtype=torch.bfloat16, device=device, operations=comfy.ops.disable_weight_init)
+
+
+def detectable_flux2_state_dict(seed=4):
+    return randomize_(detectable_flux2(), seed).state_dict()
+
+
+def flux2_vae_state_dict(seed=5):
+    """The FLUX.2 autoencoder with random weights: 32 channels, packed 2x2 into 128 by its batch norm
+    (ComfyUI detects FLUX.2's by that norm's running statistics, next to quant convolutions)."""
+    import comfy.ldm.models.autoencoder
+
+    ddconfig = {"double_z": True, "z_channels": 32, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+                "batch_norm_latent": True}
+    model = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=32)
+    return {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in randomize_(model, seed).state_dict().items()}
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def flux_blocks(diffusion_model):
 def model_inputs(resolution, device):
     generator = torch.Generator().manual_seed(3)
     latent = torch.randn(1, 16, resolution // 8, resolution // 8, generator=generator)
-    context = torch.randn(1, bench_flux.FLUX_DEV_TEXT_TOKENS, 4096, generator=generator)
+    context = torch.randn(1, bench_flux.TEXT_TOKENS, 4096, generator=generator)
     pooled = torch.randn(1, 768, generator=generator)
     as_device = {"dtype": torch.bfloat16 if device.type == "cuda" else torch.float32, "device": device}
     return (latent.to(**as_device), torch.tensor([0.5], **as_device), context.to(**as_device)), {
@@ -166,11 +166,14 @@ def flux_dev_shaped(args, device):
     """(bf16, pack FP8, core fp8_fast) patchers of one random FLUX.1-dev-shaped model, and its inputs."""
     from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 
-    state_dict = bench_flux.flux_dev_state_dict(*((1, 1) if args.tiny else (19, 38)), device)
+    config = flux_fixtures.flux_dev_width_unet_config(*((1, 1) if args.tiny else (19, 38)), context_in_dim=4096)
+    state_dict = bench_flux.random_state_dict(config, device)
+    # load_model takes the dict it is given (ComfyUI pops its tensors): each load gets its own.
     patchers = {
-        "bf16": bench_flux.load_model(state_dict, fp8=False),
-        "pack_fp8": FP8DynamicQuantize.execute(bench_flux.load_model(state_dict, fp8=False), "per-row", "").result[0],
-        "core_fp8fast": bench_flux.load_model(state_dict, fp8=True),
+        "bf16": bench_flux.load_model(dict(state_dict), fp8=False),
+        "pack_fp8": FP8DynamicQuantize.execute(bench_flux.load_model(dict(state_dict), fp8=False), "per-row",
+                                               "").result[0],
+        "core_fp8fast": bench_flux.load_model(dict(state_dict), fp8=True),
     }
     return patchers, model_inputs(args.resolution, device)
 

@@ -56,7 +56,7 @@ def profiled_sample(model, resolution, steps):
 
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
         started = time.perf_counter()
-        bench_flux.timed_sample(model, resolution, steps)
+        bench_flux.timed_sample(model, resolution, steps, bench_flux.MODELS["flux1-dev"])
         wall = time.perf_counter() - started
     kernels = [(event.key, event.device_time_total / 1e3, event.count) for event in profiler.key_averages()
                if event.device_time_total > 0]
@@ -83,8 +83,9 @@ def summarize(variant, wall, kernels, steps, top):
 def profile_variant(state_dict, variant, args):
     import comfy.model_management
 
-    model = bench_flux.apply_variant(bench_flux.load_model(state_dict, fp8="fp8fast" in variant), variant)
-    bench_flux.timed_sample(model, args.resolution, args.steps)  # warm-up: loads and compiles
+    model = bench_flux.apply_variant(bench_flux.load_model(dict(state_dict), fp8="fp8fast" in variant), variant)
+    # Warm-up: loads and compiles.
+    bench_flux.timed_sample(model, args.resolution, args.steps, bench_flux.MODELS["flux1-dev"])
     wall, kernels = profiled_sample(model, args.resolution, args.steps)
     del model
     comfy.model_management.unload_all_models()
@@ -99,7 +100,8 @@ def main():
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    state_dict = bench_flux.flux_dev_state_dict(19, 38, torch.device("cuda"))
+    state_dict = bench_flux.random_state_dict(flux_fixtures.flux_dev_width_unet_config(19, 38, context_in_dim=4096),
+                                              torch.device("cuda"))
     profiles = []
     for variant in args.variants.split(","):
         profiles.append(profile_variant(state_dict, variant, args))

@@ -19,7 +19,7 @@ import time
 
 SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, SCRIPTS_DIR)
-from api_workflows import MODEL_FILE_INPUTS, TEST_MODEL_FILES, model_files_named  # noqa: E402
+from api_workflows import MODEL_FILE_INPUTS, model_files_named, stand_in_file  # noqa: E402
 
 PACK_DIR = os.path.dirname(SCRIPTS_DIR)
 WORKFLOWS_DIR = os.path.join(PACK_DIR, "workflows")
@@ -52,19 +52,19 @@ def open_editor(browser, server):
 
 
 def editor_graph_with_test_models(graph):
-    """The graph-editor workflow naming the test host's model files instead of FLUX.1-dev's."""
+    """The graph-editor workflow naming the test host's model files instead of the real models'."""
     graph = copy.deepcopy(graph)
     for node in graph["nodes"]:
         widget_names = [entry["name"] for entry in node.get("inputs", []) if "widget" in entry]
         for index, name in enumerate(widget_names):
             if (folder := MODEL_FILE_INPUTS.get((node["type"], name))) is not None:
-                node["widgets_values"][index] = TEST_MODEL_FILES[folder]
+                node["widgets_values"][index] = stand_in_file(folder, node["widgets_values"][index])
     return graph
 
 
 def placeholder_model_paths(files, root):
     """An extra_model_paths.yaml over empty files with the workflows' model names, so the editor
-    shows the graphs as a user with FLUX.1-dev installed sees them (ComfyUI only lists the names)."""
+    shows the graphs as a user with the models installed sees them (ComfyUI only lists the names)."""
     lines = ["fluxaccel_placeholders:", f"    base_path: {root}"]
     for folder, names in sorted(files.items()):
         os.makedirs(os.path.join(root, folder), exist_ok=True)

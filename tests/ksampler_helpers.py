@@ -22,7 +22,9 @@ def ksample(model, positive=None, negative=None, seed=0, steps=6, cfg=1.0, size=
     """Runs the real KSampler node; returns the latent samples."""
     positive = positive if positive is not None else conditioning(seed=1)
     negative = negative if negative is not None else conditioning(seed=2)
-    latent = {"samples": torch.zeros(batch_size, 16, size // 8, size // 8)}
+    latent_format = model.model.latent_format
+    latent_size = size // latent_format.spacial_downscale_ratio
+    latent = {"samples": torch.zeros(batch_size, latent_format.latent_channels, latent_size, latent_size)}
     (out,) = nodes.KSampler().sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent)
     return out["samples"]
 

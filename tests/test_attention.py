@@ -92,5 +92,5 @@ def test_applied_twice_the_last_choice_holds_and_the_input_model_is_untouched():
 def test_non_flux_model_gets_a_clear_error():
     model = tiny_flux_patcher()
     model.add_object_patch("diffusion_model", torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="FLUX Attention Backend supports FLUX.1-dev.*diffusion model is Linear"):
+    with pytest.raises(ValueError, match="FLUX Attention Backend supports FLUX.1 .dev, schnell, Kontext., FLUX.2 .*diffusion model is Linear"):
         with_backend(model)

@@ -85,7 +85,12 @@ def test_both_block_graphs_take_their_attention_inputs_from_the_fused_op(monkeyp
     """ComfyUI's FLUX blocks build q, k and v in the form the rewrite knows: a ComfyUI release that changes
     them shows here, not as a silent slowdown. (A width no other test compiles: graphs compile anew.)"""
     rewrites, fuse = [], qk_norm_rope_fusion.fuse_qk_norm_rope
-    monkeypatch.setattr(qk_norm_rope_fusion, "fuse_qk_norm_rope", lambda graph: rewrites.append(fuse(graph)))
+
+    def counted_fuse(graph):
+        rewrites.append(fuse(graph))
+        return rewrites[-1]
+
+    monkeypatch.setattr(qk_norm_rope_fusion, "fuse_qk_norm_rope", counted_fuse)
     model = gpu_like_flux(hidden_size=80)
     eager = ksample(model)
     assert relative_error(ksample(compiled(model)), eager) < FP32_ROUNDING
@@ -147,7 +152,7 @@ def test_input_model_is_untouched():
 def test_non_flux_model_gets_a_clear_error():
     model = tiny_flux_patcher()
     model.add_object_patch("diffusion_model", torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="Compile FLUX supports FLUX.1-dev.*diffusion model is Linear"):
+    with pytest.raises(ValueError, match="Compile FLUX supports FLUX.1 .dev, schnell, Kontext., FLUX.2 .*diffusion model is Linear"):
         compiled(model)
 
 

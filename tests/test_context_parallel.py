@@ -364,7 +364,7 @@ def test_a_port_in_use_gets_a_clear_error():
 def test_non_flux_model_gets_a_clear_error():
     model = tiny_flux_patcher()
     model.add_object_patch("diffusion_model", torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="supports FLUX.1-dev.*diffusion model is Linear"):
+    with pytest.raises(ValueError, match="supports FLUX.1 .dev, schnell, Kontext. and FLUX.2 .*diffusion model is Linear"):
         across(model)
 
 

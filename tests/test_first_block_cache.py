@@ -149,7 +149,7 @@ def test_keeps_another_packs_block_replacement():
 def test_non_flux_model_gets_a_clear_error():
     model = tiny_flux_patcher()
     model.add_object_patch("diffusion_model", torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="supports FLUX.1-dev.*diffusion model is Linear"):
+    with pytest.raises(ValueError, match="supports FLUX.1 .dev, schnell, Kontext., FLUX.2 .*diffusion model is Linear"):
         with_cache(model, 0.1)
 
 

@@ -264,7 +264,7 @@ def test_reports_weight_only_fp8_without_fp8_tensor_cores(caplog_info):
 def test_non_flux_model_gets_a_clear_error():
     model = tiny_flux_patcher()
     model.add_object_patch("diffusion_model", torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="FP8 Dynamic Quantize supports FLUX.1-dev.*diffusion model is Linear"):
+    with pytest.raises(ValueError, match="FP8 Dynamic Quantize supports FLUX.1 .dev, schnell, Kontext., FLUX.2 .*diffusion model is Linear"):
         quantized(model)
 
 

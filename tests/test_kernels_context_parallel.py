@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fluxaccel.kernels.context_parallel import (ParallelDegrees, balanced_shares, degrees_problem, pad_tokens,
-                                                shard_text, splits_batch, token_shard)
+                                                shard_references, shard_text, splits_batch, token_shard)
 
 
 def test_balanced_shares_cover_everything_with_counts_one_apart():
@@ -12,36 +12,46 @@ def test_balanced_shares_cover_everything_with_counts_one_apart():
     assert balanced_shares(8, 4) == [(0, 2), (2, 2), (4, 2), (6, 2)]
 
 
-def rank_sequence(text, image, shard):
-    """What one rank holds: its text share then its image rows, each padded (as the post_input hook builds it)."""
+def rank_sequence(text, image, references, shard):
+    """What one rank holds: its text share, its image rows, its reference tokens, each padded (as the
+    post_input hook builds it)."""
     start, end = shard.image_token_range()
-    return torch.cat((shard_text(text, shard), pad_tokens(image[:, start:end], shard.padded_image_tokens)), dim=1)
+    return torch.cat((shard_text(text, shard), pad_tokens(image[:, start:end], shard.padded_image_tokens),
+                      shard_references(references, shard)), dim=1)
 
 
-@pytest.mark.parametrize("ranks, token_rows, row_tokens, text_tokens", [(2, 4, 3, 6), (2, 3, 4, 7), (4, 7, 2, 9)])
+@pytest.mark.parametrize("ranks, token_rows, row_tokens, text_tokens, reference_tokens", [
+    (2, 4, 3, 6, 0), (2, 3, 4, 7, 0), (4, 7, 2, 9, 0),
+    (2, 4, 3, 6, 8),  # FLUX Kontext: reference tokens that divide
+    (4, 7, 2, 9, 15),  # ... and that do not
+])
 def test_attention_over_all_ranks_shares_with_the_padding_mask_is_attention_over_the_whole(
-        ranks, token_rows, row_tokens, text_tokens):
+        ranks, token_rows, row_tokens, text_tokens, reference_tokens):
     """Gathered in rank order, padded, with padded keys masked, attention gives each real token what it
     gets over the whole sequence: the layout Ulysses sees after its all-to-all."""
     generator = torch.Generator().manual_seed(0)
     text = torch.randn(1, text_tokens, 8, generator=generator)
     image = torch.randn(1, token_rows * row_tokens, 8, generator=generator)
-    shards = [token_shard(rank, ranks, token_rows, row_tokens, text_tokens) for rank in range(ranks)]
-    gathered = torch.cat([rank_sequence(text, image, shard) for shard in shards], dim=1)
+    references = torch.randn(1, reference_tokens, 8, generator=generator)
+    shards = [token_shard(rank, ranks, token_rows, row_tokens, text_tokens, reference_tokens) for rank in range(ranks)]
+    gathered = torch.cat([rank_sequence(text, image, references, shard) for shard in shards], dim=1)
     mask = shards[0].key_padding_mask(gathered.dtype, gathered.device)
     assert mask.shape[-1] == gathered.shape[1] and shards[0].padded == (mask.min() < 0).item()
 
     sharded_out = F.scaled_dot_product_attention(gathered[:, None], gathered[:, None], gathered[:, None], attn_mask=mask)[:, 0]
-    whole = torch.cat((text, image), dim=1)
+    whole = torch.cat((text, image, references), dim=1)
     expected = F.scaled_dot_product_attention(whole[:, None], whole[:, None], whole[:, None])[:, 0]
     real = mask.view(-1) == 0
-    # Real tokens of the gathered sequence, in rank order, are each rank's text then image share.
+    # Real tokens of the gathered sequence, in rank order, are each rank's text, image and reference shares.
     order = []
     for shard in shards:
         text_start, text_count = shard.text
         order += list(range(text_start, text_start + text_count))
         image_start, image_end = shard.image_token_range()
         order += [text_tokens + i for i in range(image_start, image_end)]
+        reference_start, reference_count = shard.reference
+        order += [text_tokens + image.shape[1] + i for i in range(reference_start, reference_start + reference_count)]
+    assert sorted(order) == list(range(whole.shape[1]))
     torch.testing.assert_close(sharded_out[:, real], expected[:, order])
 
 

@@ -156,7 +156,7 @@ def input_errors(node_id, node, object_info, workflow):
             if output_type != kind:
                 errors.append(f"{node_id}.{name}: {output_type} linked into {kind}")
         elif isinstance(kind, list) and (node["class_type"], name) not in MODEL_FILE_INPUTS and value not in kind:
-            # FLUX.1-dev's files are not on CI: file names are checked where the workflows run (below).
+            # The real models' files are not on CI: file names are checked where the workflows run (below).
             errors.append(f"{node_id}.{name}: {value!r} is not one of its options")
         elif kind in ("INT", "FLOAT") and not options.get("min", value) <= value <= options.get("max", value):
             errors.append(f"{node_id}.{name}: {value} outside [{options.get('min')}, {options.get('max')}]")
@@ -178,9 +178,13 @@ def test_shipped_api_workflows_match_the_server(comfy_server, filename):
     assert not errors
 
 
+# The nodes that take the sampled MODEL: KSampler, or the guider of SamplerCustomAdvanced (FLUX.2's graph).
+SAMPLING_MODEL_INPUTS = ("KSampler", "BasicGuider")
+
+
 def sampled_model_chain(workflow):
-    """The node ids the KSampler's MODEL passes through, from the sampler back to the loader."""
-    [node_id] = [node_id for node_id, node in workflow.items() if node["class_type"] == "KSampler"]
+    """The node ids the sampled MODEL passes through, from the sampler (or guider) back to the loader."""
+    [node_id] = [node_id for node_id, node in workflow.items() if node["class_type"] in SAMPLING_MODEL_INPUTS]
     chain = []
     while "model" in workflow[node_id]["inputs"]:
         node_id = workflow[node_id]["inputs"]["model"][0]
