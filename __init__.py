@@ -20,6 +20,8 @@ CAPABILITY_MODULES = {
 async def comfy_entrypoint():
     from comfy_api.latest import ComfyExtension
 
+    # One line per node this ComfyUI version cannot run (it then refuses prompts with that line).
+    importlib.import_module(".nodes.comfy_contract", __name__).report_at_load()
     extensions = []
     for module_name, extension_name in CAPABILITY_MODULES.items():
         try:

@@ -5,6 +5,7 @@ since torch 2.5 Dynamo treats a module's parameters as graph inputs, so one trac
 every block of a kind. Compiling two graphs instead of a whole model is what makes the cold start
 short, and parameters as inputs are why changed weights (a LoRA) need no recompilation.
 """
+import contextlib
 import functools
 import os
 import time
@@ -53,6 +54,8 @@ class CountingInductorBackend:
         self.settings = (mode, dynamic_shapes)
         self.dynamic = DYNAMIC_SHAPES[dynamic_shapes]
         self.counter = CompileCounter()
+        # Set by the node: where inductor caches this backend's graphs (compile_cache_folder_for).
+        self.cache_folder = None
         self.inductor_options = {**torch._inductor.list_mode_options(mode, self.dynamic),
                                  **fp8_graph_fusion.inductor_options(self.counter.rewrites)}
         # Called with the graph's number before each compilation, to tell the person waiting.
@@ -66,7 +69,7 @@ class CountingInductorBackend:
         started = time.perf_counter()
         self.counter.rewrites[QK_NORM_ROPE_SITES] += qk_norm_rope_fusion.fuse_qk_norm_rope(graph_module)
         cache_hits = inductor_cache_hits()
-        with inductor_heuristics.wide_row_reductions():
+        with inductor_heuristics.wide_row_reductions(), inductor_cache_folder(self.cache_folder):
             compiled = compile_fx(graph_module, example_inputs, config_patches=self.inductor_options)
         self.counter.cached_graphs += inductor_cache_hits() - cache_hits
         self.counter.graphs += 1
@@ -78,8 +81,13 @@ class CountingInductorBackend:
 def shared_inductor_backend(mode="default", dynamic_shapes="automatic"):
     """The process's one backend for these settings. Dynamo keys its cached graphs on the backend
     object, so a new backend at every node execution would compile everything again."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     return CountingInductorBackend(mode, dynamic_shapes)
+
+
+def raised_recompile_limit():
+    """Dynamo's recompile limit raised to RECOMPILE_LIMIT while the pack's compiled blocks run (a
+    sampling run), not for the process: other compiled code keeps the limit it had."""
+    return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT))
 
 
 def inductor_cache_hits():
@@ -92,18 +100,42 @@ def graph_break_count():
     return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
-def use_persistent_compile_cache(folder):
-    """Points inductor's on-disk caches (compiled graphs, Triton kernels, autotuning) at `folder`,
-    unless the user chose a folder with TORCHINDUCTOR_CACHE_DIR. Returns the folder in use.
+def compile_cache_folder_for(folder):
+    """Where the pack's compiles keep inductor's on-disk caches (compiled graphs, Triton kernels,
+    autotuning): the user's TORCHINDUCTOR_CACHE_DIR where they chose one, else `folder`.
 
-    The default folder lies under the system's temporary directory, which does not survive a reboot;
-    a second process that finds the graphs there compiles in seconds.
+    Inductor's default folder lies under the system's temporary directory, which does not survive a
+    reboot; a second process that finds the graphs in `folder` compiles in seconds.
     """
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     # Inductor writes its default into the variable on first use: that is not the user's choice.
     if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
-        os.makedirs(folder, exist_ok=True)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(folder)
-    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        return os.path.abspath(folder)
+    return chosen
+
+
+@contextlib.contextmanager
+def inductor_cache_folder(folder):
+    """Inductor's on-disk caches in `folder` for the compiles in the block; the process's other compiles
+    (core's TorchCompileModel) keep their own. Inductor reads the folder from TORCHINDUCTOR_CACHE_DIR,
+    through caches of its own that are cleared on the way in and out. (Triton's kernel cache goes where
+    inductor's was when its compile workers started.)"""
+    if folder is None:
+        yield
+        return
+    from torch._inductor.utils import clear_caches
+
+    os.makedirs(folder, exist_ok=True)
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    clear_caches()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+        clear_caches()

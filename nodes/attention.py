@@ -12,10 +12,10 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from ..kernels.attention import BACKEND_ORDERS, auto_backend, heads_first_attention
-from . import CATEGORY, flux_layout
+from . import CATEGORY, comfy_contract, flux_layout
 from .patcher_hooks import keep_conds_on_device
 
-NODE_NAME = "FLUX Attention Backend"
+NODE_NAME = comfy_contract.ATTENTION
 OVERRIDE_KEY = "optimized_attention_override"
 BACKEND_CHOICES = ["auto", *BACKEND_ORDERS]
 

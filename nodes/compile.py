@@ -11,8 +11,12 @@ Hook-up, through ComfyUI's own extension points:
 - ComfyUI applies FLUX's RoPE through comfy_kitchen's custom ops, which the compiler cannot see into:
   each call costs its own kernel and, at every block, 0.2-0.4 ms of Python dispatch on the host, which
   FP8 blocks on an H100 no longer hide. An inductor decomposition gives the compiler the same math
-  in plain torch ops to fuse with the q/k ops around it; where the q/k norms and the RoPE have FLUX's
-  own form, the backend first hands them, with v, to one Triton kernel (`kernels.qk_norm_rope_fusion`).
+  in plain torch ops to fuse with the q/k ops around it (registered for the process: torch cannot
+  cache a compile given its own); where the q/k norms and the RoPE have FLUX's own form, the backend
+  first hands them, with v, to one Triton kernel (`kernels.qk_norm_rope_fusion`).
+- the rest of what the pack's compiles need is theirs alone: Dynamo's recompile limit is raised while
+  the compiled model samples, and inductor's caches move to ComfyUI's user folder for the pack's
+  compiles; core's TorchCompileModel on another model compiles as it would without the pack.
 - the clone leaves ComfyUI's DynamicVRAM (the default on NVIDIA GPUs), which streams each layer's
   weights inside the block calls: that cuts every compiled block at each linear layer, and Dynamo's
   size-generic recompile at a second resolution failed on it (a shape error in the streamed linear).
@@ -41,14 +45,14 @@ from comfy_api.torch_helpers import set_torch_compile_wrapper
 from ..kernels.cuda_graphs import CallCounts, CudaGraphRecorder, ReplayedCalls, call_signature, weights_signature
 from ..kernels.fp8_graph_fusion import GELU_SITES, LAYER_NORM_SITES
 from ..kernels.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, QK_NORM_ROPE_SITES, CompileCounter,
-                                        CountingInductorBackend, graph_break_count, shared_inductor_backend,
-                                        use_persistent_compile_cache)
+                                        CountingInductorBackend, compile_cache_folder_for, graph_break_count,
+                                        raised_recompile_limit, shared_inductor_backend)
 from ..kernels.rope import interleaved_rope
-from . import CATEGORY, flux_layout
+from . import CATEGORY, comfy_contract, flux_layout
 from .patcher_hooks import keep_conds_on_device, non_dynamic_clone, set_callback, set_wrapper
 from .reporting import report_run, report_to_sampler_node
 
-NODE_NAME = "Compile FLUX"
+NODE_NAME = comfy_contract.COMPILE
 BACKEND_KEY = "fluxaccel.compile"
 WRAPPER_KEY = "fluxaccel.compile"
 CUDA_GRAPHS_KEY = "fluxaccel.cuda_graphs"
@@ -71,18 +75,29 @@ def block_keys(double_blocks, single_blocks):
             + [f"diffusion_model.single_blocks.{i}" for i in range(single_blocks)])
 
 
+def compile_backend(mode, dynamic_shapes, cache_folder=None):
+    """The process's backend for these settings (kernels.regional_compile.shared_inductor_backend), its
+    graphs cached by inductor in `cache_folder` (None: inductor's own), comfy_kitchen's RoPE ops decomposed."""
+    fuse_comfy_kitchen_rope()
+    backend = shared_inductor_backend(mode, dynamic_shapes)
+    backend.cache_folder = cache_folder
+    return backend
+
+
 @functools.lru_cache(maxsize=None)
 def fuse_comfy_kitchen_rope():
-    """Registers inductor decompositions for comfy_kitchen's RoPE ops (once per process; every
-    compiled model in the process gets them, with the same results)."""
+    """Registers inductor decompositions for comfy_kitchen's RoPE ops, once per process. They hold for
+    every compile in the process (core's TorchCompileModel too), with the same results: torch takes
+    decompositions for one compile only by leaving its on-disk cache out (it cannot key them)."""
     from torch._inductor.decomposition import register_decomposition
 
-    ops = getattr(torch.ops, "comfy_kitchen", None)
-    if ops is None or not hasattr(ops, "apply_rope"):
+    ops = comfy_contract.kitchen_rope_ops()
+    if ops is None:
         return
-    register_decomposition([ops.apply_rope.default])(
+    apply_rope, apply_rope1 = ops
+    register_decomposition([apply_rope])(
         lambda xq, xk, freqs_cis: (interleaved_rope(xq, freqs_cis), interleaved_rope(xk, freqs_cis)))
-    register_decomposition([ops.apply_rope1.default])(interleaved_rope)
+    register_decomposition([apply_rope1])(interleaved_rope)
     forget_inductors_decomposition_snapshot()
 
 
@@ -142,7 +157,8 @@ def sample_with_compile_report(executor, *args, **kwargs):
     if forward_graphs is not None:
         forward_graphs.start_run()
     try:
-        return executor(*args, **kwargs)
+        with raised_recompile_limit():
+            return executor(*args, **kwargs)
     finally:
         summary = compile_summary(before, backend.counter, graph_break_count() - breaks)
         if forward_graphs is not None:
@@ -172,27 +188,27 @@ class ReplayedForward:
         self.changed = set()
 
     def __call__(self, executor, *args, **kwargs):
-        # ComfyUI's FLUX calls its forward as (x, timestep, context, y, guidance, ref_latents, control,
-        # transformer_options, **kwargs).
-        *inputs, transformer_options = args
-        if not isinstance(transformer_options, dict):
-            self.bypass_reason = "this ComfyUI calls FLUX's forward in a form the node does not know"
-            return executor(*args, **kwargs)
+        diffusion_model = executor.class_obj
+        inputs, transformer_options = comfy_contract.forward_inputs(diffusion_model, args, kwargs)
         if replaying_wrapper_inside(transformer_options):
             return executor(*args, **kwargs)
-        signature = self.signature(executor.class_obj, inputs, kwargs, transformer_options)
+        values = tuple(inputs.values())
+        signature = self.signature(diffusion_model, values, {}, transformer_options)
         if signature is None:
             return executor(*args, **kwargs)
 
-        def forward(graph_pass, *call_inputs, **call_kwargs):
-            return executor(*call_inputs, flux_layout.with_graph_pass(transformer_options, graph_pass), **call_kwargs)
+        def forward(graph_pass, *call_values):
+            call_options = flux_layout.with_graph_pass(transformer_options, graph_pass)
+            call_args, call_kwargs = comfy_contract.forward_call(diffusion_model, dict(zip(inputs, call_values)),
+                                                                 call_options)
+            return executor(*call_args, **call_kwargs)
 
-        return self.graphs(signature, forward, tuple(inputs), kwargs, transformer_options, self.counts)
+        return self.graphs(signature, forward, values, {}, transformer_options, self.counts)
 
     def signature(self, diffusion_model, inputs, kwargs, transformer_options):
-        """The call's signature (see kernels.cuda_graphs.call_signature) from FLUX forward's arguments
-        before its transformer options; None where the call cannot be replayed, the reason kept for
-        the run's report."""
+        """The call's signature (see kernels.cuda_graphs.call_signature) from the forward's inputs
+        (x first) and the transformer options; None where the call cannot be replayed, the reason kept
+        for the run's report."""
         reason = replay_blocker(self.recorder, diffusion_model, inputs[0], transformer_options)
         options = None if reason else call_signature((), forward_options(transformer_options), ())
         if reason or options is None:
@@ -317,10 +333,8 @@ class CompileFlux(io.ComfyNode):
     @classmethod
     def execute(cls, model, mode, dynamic_shapes, cuda_graphs=True) -> io.NodeOutput:
         diffusion_model = flux_layout.flux_diffusion_model(model, NODE_NAME)
-        backend = shared_inductor_backend(mode, dynamic_shapes)
+        backend = compile_backend(mode, dynamic_shapes, compile_cache_folder_for(compile_cache_folder()))
         backend.on_compile_start = announce_compile
-        fuse_comfy_kitchen_rope()
-        use_persistent_compile_cache(compile_cache_folder())
         patched = non_dynamic_clone(model, NODE_NAME)
         set_torch_compile_wrapper(patched, backend=backend, dynamic=backend.dynamic,
                                   keys=block_keys(*flux_layout.block_counts(diffusion_model)))

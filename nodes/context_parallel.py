@@ -21,14 +21,13 @@ import torch
 from typing_extensions import override
 
 import comfy.model_management
-import comfy.model_patcher
 import comfy.patcher_extension
 from comfy_api.latest import ComfyExtension, io
 
 from ..kernels.context_parallel import ParallelDegrees, degrees_problem
 from ..kernels.cuda_graphs import LAUNCH, CallCounts, GraphOrder
 from ..kernels.tensor_transport import to_slots
-from . import CATEGORY, compile as compile_node, first_block_cache, flux_layout
+from . import CATEGORY, comfy_contract, compile as compile_node, first_block_cache, flux_layout
 from .attention import attention_backend
 from .context_parallel_pool import (PoolLayout, RankPool, active_pool, environment_rendezvous_problem, pool_for,
                                     rendezvous_port, shutdown_pool)
@@ -37,7 +36,7 @@ from .context_parallel_ranks import (CALL_OPTION_KEYS, CacheDecisions, CacheStep
 from .patcher_hooks import non_dynamic_clone, set_callback, set_wrapper
 from .reporting import report_run
 
-NODE_NAME = "Context Parallel (multi-GPU)"
+NODE_NAME = comfy_contract.CONTEXT_PARALLEL
 LAYOUT_KEY = "fluxaccel.context_parallel"
 RUN_KEY = "fluxaccel.context_parallel.run"
 WRAPPER_KEY = "fluxaccel.context_parallel"
@@ -89,7 +88,7 @@ def replica_key(model_patcher, model_options) -> tuple:
         # without an unload first), the workers free their copy too.
         weakref.finalize(model, drop_replica_of, _model_serials[model]).atexit = False
     serial = _model_serials[model]
-    return (serial, model.current_weight_patches_uuid, *mirrored_behaviours(model_options))
+    return (serial, comfy_contract.weight_patches_uuid(model), *mirrored_behaviours(model_options))
 
 
 def mirrored_behaviours(model_options) -> tuple:
@@ -112,7 +111,7 @@ def replica_spec(model_patcher, model_options):
     """(spec, tensors) of rank 0's loaded diffusion model, as the workers rebuild it."""
     model = model_patcher.model
     diffusion_model = model.diffusion_model
-    if getattr(model, "model_lowvram", False):
+    if comfy_contract.loaded_partially(model):
         raise ValueError(f"{NODE_NAME} needs the whole model in the first GPU's memory, but ComfyUI loaded it "
                          "partially (low VRAM). Free VRAM (unload other models) or use a smaller weight dtype.")
     tensors = []
@@ -138,7 +137,7 @@ def sample_across_ranks(executor, *args, **kwargs):
     pool = pool_for(guider.model_options[LAYOUT_KEY])
     pool.run_serial += 1
     original_options = guider.model_options
-    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    guider.model_options = comfy_contract.model_options_clone(original_options)
     run = ContextParallelRun(pool, guider.model_patcher, pool.run_serial)
     guider.model_options["transformer_options"][RUN_KEY] = run
     try:
@@ -152,7 +151,7 @@ def sample_across_ranks(executor, *args, **kwargs):
 def forward_across_ranks(executor, *args, **kwargs):
     """DIFFUSION_MODEL wrapper: one forward of a FLUX-family model shared by every rank."""
     diffusion_model = executor.class_obj
-    inputs, transformer_options = flux_layout.forward_inputs(diffusion_model, args, kwargs)
+    inputs, transformer_options = comfy_contract.forward_inputs(diffusion_model, args, kwargs)
     run: Optional[ContextParallelRun] = transformer_options.get(RUN_KEY)
     if run is None:
         return executor(*args, **kwargs)
@@ -175,7 +174,7 @@ def forward_across_ranks(executor, *args, **kwargs):
         pool.send_tensors(tensors)
 
         def run_share(share, options):
-            share_args, share_kwargs = flux_layout.forward_call(diffusion_model, share, options)
+            share_args, share_kwargs = comfy_contract.forward_call(diffusion_model, share, options)
             return executor(*share_args, **share_kwargs)
 
         run.forwards += 1

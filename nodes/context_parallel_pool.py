@@ -13,6 +13,7 @@ Workers connect to rank 0's control listener (an authenticated connection: what 
 their failures); tensors go over the process group (over the connections on CPUs).
 """
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from ..kernels.context_parallel import ParallelDegrees, RankGroups, make_rank_groups
 from ..kernels.cuda_graphs import CudaGraphRecorder, ReplayedCalls
 from ..kernels.tensor_transport import pack, send_tensors
+from . import comfy_contract
 from .context_parallel_ranks import DropReplica, Stop
 
 WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "context_parallel_worker.py")
@@ -127,13 +129,13 @@ class RankPool:
         for rank, connection in enumerate(self.connections, start=1):
             connection.send(self._setup(rank, init_method, comfy_args))
         self._wait_until_ready()
-        if self.layout.backend == "nccl":
-            # A failed collective must raise in ComfyUI's process, not end it (NCCL's default on errors).
-            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
-        dist.init_process_group(self.layout.backend, init_method=init_method, rank=0,
-                                world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
-                                **({"device_id": self.device} if self.device.type == "cuda" else {}))
-        self.groups = make_rank_groups(self.layout.degrees)
+        # A failed collective must raise in ComfyUI's process, not end it (NCCL's default on errors). Each
+        # NCCL process group reads the variable when it is made: set only while the pack makes its own.
+        with environment_while({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"} if self.layout.backend == "nccl" else {}):
+            dist.init_process_group(self.layout.backend, init_method=init_method, rank=0,
+                                    world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
+                                    **({"device_id": self.device} if self.device.type == "cuda" else {}))
+            self.groups = make_rank_groups(self.layout.degrees)
         if self.layout.backend == "nccl":
             threading.Thread(target=self._abort_when_a_worker_dies, name="fluxaccel-cp-watch", daemon=True).start()
         logging.info("Context Parallel: %d ranks ready (Ulysses %d x ring %d, %s)", world_size,
@@ -310,6 +312,21 @@ class RankPool:
         self.processes, self.connections, self.groups, self.replica_key = [], [], None, None
 
 
+@contextlib.contextmanager
+def environment_while(variables: dict):
+    """The process's environment with `variables` set for the block, as it was after it."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def comfyui_dir():
     """ComfyUI's code folder (where folder_paths.py lies), for the workers' imports."""
     import folder_paths
@@ -326,14 +343,12 @@ def pool_for(layout: PoolLayout) -> RankPool:
     if _active_pool is not None and (_active_pool.layout != layout or not _active_pool.alive()):
         shutdown_pool()
     if _active_pool is None:
-        import comfy.cli_args
-
         if dist.is_initialized():
             raise RuntimeError("torch.distributed is already initialized in ComfyUI's process by something else; "
                                "Context Parallel needs to start its own process group.")
         pool = RankPool(layout)
         try:
-            pool.start(dict(vars(comfy.cli_args.args)))
+            pool.start(comfy_contract.cli_settings())
         except BaseException:
             pool.shutdown()
             raise

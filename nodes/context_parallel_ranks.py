@@ -27,19 +27,16 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-import comfy.ldm.common_dit
-import comfy.utils
-
 from ..kernels.context_parallel import (ParallelDegrees, RankGroups, ShardedForward, all_ranks_agree, batch_share,
                                         gather_batch, gather_rows, make_rank_groups, pad_tokens, parallel_attention,
                                         shard_references, shard_text, splits_batch, token_shard)
 from ..kernels.cuda_graphs import CallCounts, CapturedCalls, CudaGraphRecorder, GraphOrder
 from ..kernels.residual_cache import CachePolicy, ResidualCache
-from ..kernels.regional_compile import shared_inductor_backend
+from ..kernels.regional_compile import raised_recompile_limit
 from ..kernels.tensor_transport import bucket_sizes, from_slots, receive_tensors, tensor_slots, unpack
-from . import first_block_cache, flux_layout
+from . import comfy_contract, first_block_cache, flux_layout
 from .attention import OVERRIDE_KEY as ATTENTION_OVERRIDE_KEY, AttentionOnBackend
-from .compile import fuse_comfy_kitchen_rope
+from .compile import compile_backend
 from .first_block_cache import CacheLayout, CacheRun, cache_block_replacements
 
 # The per-call transformer_options entries rank 0 passes on: First Block Cache keys its residuals by them.
@@ -119,7 +116,7 @@ def rank_options(inputs: dict, options, groups: RankGroups):
 def forward_on_rank(run, diffusion_model, inputs: dict, options, groups: RankGroups):
     """This rank's part of one FLUX forward; returns the whole prediction.
 
-    `inputs` holds the forward's whole inputs by name (flux_layout.forward_inputs);
+    `inputs` holds the forward's whole inputs by name (comfy_contract.forward_inputs);
     `run(inputs, options)` runs the diffusion model on a share of them.
     """
     if not splits_this_batch(inputs, options, groups.degrees):
@@ -146,7 +143,7 @@ def forward_rows_on_rank(run, diffusion_model, inputs: dict, options, groups: Ra
     x = inputs["x"]
     patch = diffusion_model.patch_size
     height, width = x.shape[-2:]
-    x = comfy.ldm.common_dit.pad_to_patch_size(x, (patch, patch))
+    x = comfy_contract.pad_to_patch_size(x, patch)
     token_rows, row_tokens = x.shape[-2] // patch, x.shape[-1] // patch
     ranks = groups.degrees.sequence_size
     text_tokens = inputs["context"].shape[1]
@@ -182,7 +179,7 @@ def unsupported_inputs(diffusion_model, inputs: dict) -> Optional[str]:
     if inputs.get("attention_mask") is not None:
         return "a text attention mask is not supported yet"
     if inputs.get("ref_latents") is not None:
-        method = inputs.get("ref_latents_method", diffusion_model.params.default_ref_method)
+        method = inputs.get("ref_latents_method", comfy_contract.default_reference_method(diffusion_model))
         if method not in SHARDABLE_REFERENCE_METHODS:
             return (f"reference latents placed by the '{method}' method are not supported "
                     f"(only {' and '.join(SHARDABLE_REFERENCE_METHODS)}, FLUX.1 Kontext's and FLUX.2's defaults)")
@@ -217,7 +214,7 @@ class CacheStep:
 
 @dataclass
 class ForwardRequest:
-    inputs: dict  # the forward's slotted inputs by name (flux_layout.forward_inputs); bytes sent after the request
+    inputs: dict  # the forward's slotted inputs by name (comfy_contract.forward_inputs); bytes sent after the request
     call_options: dict
     cache_step: Optional[CacheStep]
     graph_order: GraphOrder  # rank 0's decision on the forward's CUDA graphs, for every rank
@@ -266,12 +263,11 @@ def build_replica(spec: ReplicaSpec, device, receive):
     received = iter(receive(tensor_slots([spec.parameters, spec.buffers])))
     parameters, buffers = from_slots([spec.parameters, spec.buffers], received)
     for name, tensor in parameters.items():
-        comfy.utils.set_attr_param(diffusion_model, name, tensor)
+        comfy_contract.set_parameter(diffusion_model, name, tensor)
     for name, tensor in buffers.items():
-        comfy.utils.set_attr(diffusion_model, name, tensor)
+        comfy_contract.set_buffer(diffusion_model, name, tensor)
     if spec.compile_settings is not None:
-        fuse_comfy_kitchen_rope()
-        backend = shared_inductor_backend(*spec.compile_settings)
+        backend = compile_backend(*spec.compile_settings)
         for block in list(diffusion_model.double_blocks) + list(diffusion_model.single_blocks):
             block.compile(backend=backend, dynamic=backend.dynamic)
     return diffusion_model
@@ -337,10 +333,10 @@ def serve_forward(replica: Replica, request: ForwardRequest, mirror: MirroredCac
     options = {**replica.options, **request.call_options, **mirror.options(request.cache_step)}
 
     def run_share(share, share_options):
-        share_args, share_kwargs = flux_layout.forward_call(replica.diffusion_model, share, share_options)
+        share_args, share_kwargs = comfy_contract.forward_call(replica.diffusion_model, share, share_options)
         return replica.diffusion_model(*share_args, **share_kwargs)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), raised_recompile_limit():
         run_forward_order(request.graph_order, replica.graph_calls, run_share, replica.diffusion_model, inputs, options,
                           groups, device, CallCounts())
 

@@ -69,11 +69,10 @@ def main():
     connection = connect(address, os.environ[SECRET_VARIABLE].encode(), wait)
     connection.send(rank)
     sys.path.insert(0, comfyui_dir)
-    import comfy.cli_args
-
     setup = connection.recv()
-    vars(comfy.cli_args.args).update(setup["comfy_args"])
     import_pack(setup["pack_name"])
+    # Before anything imports ComfyUI's modules that read its settings at import.
+    importlib.import_module(f"{setup['pack_name']}.nodes.comfy_contract").apply_cli_settings(setup["comfy_args"])
     ranks = importlib.import_module(f"{setup['pack_name']}.nodes.context_parallel_ranks")
     ranks.worker_main(connection, setup)
 

@@ -27,7 +27,6 @@ from typing import Hashable, Optional
 import torch
 from typing_extensions import override
 
-import comfy.model_patcher
 import comfy.patcher_extension
 from comfy_api.latest import ComfyExtension, io
 
@@ -35,7 +34,7 @@ from ..kernels.cuda_graphs import Recording, host_decision
 from ..kernels.residual_cache import (CALIBRATION_HALVINGS, CachePolicy, PredictionState, ResidualCache,
                                       calibrated_threshold, distance_sums, latent_psnr, taylor_differences,
                                       taylor_prediction)
-from . import CATEGORY, flux_layout
+from . import CATEGORY, comfy_contract, flux_layout
 from .patcher_hooks import keep_conds_on_device, set_wrapper
 from .reporting import report_run, report_to_sampler_node
 
@@ -44,8 +43,8 @@ RUN_KEY = "fluxaccel.first_block_cache.run"
 FORWARD_KEY = "fluxaccel.first_block_cache.forward"
 WRAPPER_KEY = "fluxaccel.first_block_cache"
 
-NODE_NAME = "Apply First Block Cache"
-BLOCK_CACHE_NODE_NAME = "Apply Block Cache"
+NODE_NAME = comfy_contract.FIRST_BLOCK_CACHE
+BLOCK_CACHE_NODE_NAME = comfy_contract.BLOCK_CACHE
 # The alternatives of a captured forward after its probe blocks.
 COMPUTE, REUSE = "compute", "reuse"
 # Block Cache's quality input: the threshold as set, or a target PSNR (dB, the sampled latent against the
@@ -342,13 +341,14 @@ def install_cache_blocks(model_patcher, double_blocks, single_blocks, layout: Ca
         del installed[position]
 
 
-def start_model_evaluation(executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
+def start_model_evaluation(executor, *args, **kwargs):
     """CALC_COND_BATCH wrapper: one call per sampling-step evaluation, before any block runs."""
-    run: Optional[CacheRun] = model_options["transformer_options"].get(RUN_KEY)
+    arguments = comfy_contract.calc_cond_batch_arguments(args, kwargs)
+    run: Optional[CacheRun] = arguments["model_options"]["transformer_options"].get(RUN_KEY)
     if run is not None:
-        sigma = float(timestep.max())
+        sigma = float(arguments["timestep"].max())
         run.cache.start_step(sigma, reuse_allowed=run.end_sigma <= sigma <= run.start_sigma)
-    return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+    return executor(*args, **kwargs)
 
 
 def sample_with_fresh_cache(executor, *args, **kwargs):
@@ -374,7 +374,7 @@ def sample_with_cache(executor, policy: CachePolicy, settings: CacheSettings, ar
         name=settings.name,
     )
     original_options = guider.model_options
-    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    guider.model_options = comfy_contract.model_options_clone(original_options)
     guider.model_options["transformer_options"][RUN_KEY] = run
     try:
         return run, executor(*args, **kwargs)
@@ -400,7 +400,8 @@ def calibrated_policy(executor, settings: CacheSettings, args, kwargs) -> tuple[
     model (with its weights as patched), the cache's other settings, the schedule and the latent's size."""
     guider = executor.class_obj
     model = guider.model_patcher.model
-    noise, sigmas = sampling_noise_and_sigmas(args, kwargs)
+    arguments = comfy_contract.outer_sample_arguments(args, kwargs)
+    noise, sigmas = arguments["noise"], arguments["sigmas"]
     # The patch set the run loads (LoRA and other weight patches): ComfyUI's ModelPatcher.patches_uuid.
     key = (guider.model_patcher.patches_uuid, dataclasses.replace(settings.policy, residual_diff_threshold=0.0),
            settings.layout, settings.start_percent, settings.end_percent, settings.target_db,
@@ -423,14 +424,6 @@ def calibrated_policy(executor, settings: CacheSettings, args, kwargs) -> tuple[
     calibrations[key] = threshold
     return dataclasses.replace(settings.policy, residual_diff_threshold=threshold), (
         f", threshold {threshold:.3f} calibrated in this run over {len(passes)} sampling passes")
-
-
-def sampling_noise_and_sigmas(args, kwargs):
-    """The noise and sigmas of an OUTER_SAMPLE call: ComfyUI's CFGGuider.outer_sample takes (noise,
-    latent_image, sampler, sigmas, ...)."""
-    noise = kwargs["noise"] if "noise" in kwargs else args[0]
-    sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
-    return noise, sigmas
 
 
 def validate_window(start_percent, end_percent):

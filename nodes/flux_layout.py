@@ -6,56 +6,31 @@ ComfyUI's `comfy.ldm.flux.model.Flux.forward_orig` (FLUX.1, FLUX.1 Kontext, FLUX
 {"img", "vec", "pe", ...}, where the single-stream "img" is the text tokens followed by the image
 tokens. A second model family gets its own module like this one.
 """
-import inspect
-
-import comfy.ldm.chroma.model
-import comfy.ldm.flux.model
+from . import comfy_contract
 
 SUPPORTED_MODELS = "FLUX.1 (dev, schnell, Kontext), FLUX.2 (dev, klein) and Chroma"
 # The tooltip of the MODEL input of the nodes that take any FLUX.
 MODEL_INPUT_TOOLTIP = "A FLUX-family model: FLUX.1 (dev, schnell, Kontext), FLUX.2 (dev, klein) or Chroma."
 # ComfyUI's classes of those models: Chroma's blocks are FLUX.1's, its modulations come from its own layer.
-FLUX_FAMILY_CLASSES = (comfy.ldm.flux.model.Flux, comfy.ldm.chroma.model.Chroma)
+FLUX_FAMILY_CLASSES = comfy_contract.model_classes(comfy_contract.flux_class, comfy_contract.chroma_class)
 
 
 # The models whose forward runs `patches["post_input"]` (after the embedders, before the blocks), where
 # Context Parallel shares out the tokens: Chroma's forward has no such hook.
 POST_INPUT_MODELS = "FLUX.1 (dev, schnell, Kontext) and FLUX.2 (dev, klein)"
-POST_INPUT_CLASSES = (comfy.ldm.flux.model.Flux,)
+POST_INPUT_CLASSES = comfy_contract.model_classes(comfy_contract.flux_class)
 
 
 def flux_diffusion_model(model_patcher, node_name, supported=FLUX_FAMILY_CLASSES, supported_names=SUPPORTED_MODELS):
-    """The patcher's FLUX diffusion model, or a ValueError that says what the node supports."""
+    """The patcher's FLUX diffusion model, or a ValueError that says what the node supports, or that this
+    ComfyUI lacks what the node needs (see comfy_contract)."""
+    comfy_contract.require(node_name)
     diffusion_model = model_patcher.get_model_object("diffusion_model")
     if type(diffusion_model) not in supported:
         raise ValueError(
             f"{node_name} supports {supported_names}; this MODEL's diffusion model is "
             f"{type(diffusion_model).__name__}. Connect one of those, loaded with Load Diffusion Model.")
     return diffusion_model
-
-
-def forward_parameters(diffusion_model) -> list:
-    """The names of the model's forward parameters that ComfyUI passes by position, in order: FLUX's are
-    (x, timestep, context, y, guidance, ref_latents, control, transformer_options), Chroma's
-    (x, timestep, context, guidance, control, transformer_options)."""
-    parameters = inspect.signature(diffusion_model.forward).parameters.values()
-    return [parameter for parameter in parameters if parameter.kind is parameter.POSITIONAL_OR_KEYWORD]
-
-
-def forward_inputs(diffusion_model, args, kwargs) -> tuple[dict, dict]:
-    """(the inputs by name, transformer_options) of a call of the model's forward as a DIFFUSION_MODEL
-    wrapper gets it; the inputs also hold the call's keyword arguments (FLUX Kontext's ref_latents_method)."""
-    inputs = {parameter.name: value for parameter, value in zip(forward_parameters(diffusion_model), args)}
-    inputs.update(kwargs)
-    return inputs, inputs.pop("transformer_options")
-
-
-def forward_call(diffusion_model, inputs: dict, transformer_options) -> tuple[list, dict]:
-    """(args, kwargs) that call the model's forward, or a DIFFUSION_MODEL executor, on `inputs` as
-    ComfyUI does: its parameters by position (wrappers read them so), the rest by name."""
-    named = {**inputs, "transformer_options": transformer_options}
-    args = [named.pop(parameter.name, parameter.default) for parameter in forward_parameters(diffusion_model)]
-    return args, named
 
 
 def block_counts(diffusion_model):

@@ -9,10 +9,11 @@ import dataclasses
 
 import torch
 
-from comfy.quant_ops import QuantizedLayout, QuantizedTensor, register_layout_class, register_layout_op
-from comfy_kitchen.tensor import BaseLayoutParams, dequantize_args
-
 from ..kernels import fp8
+from .comfy_contract import quantized_data, quantized_layout_name, quantized_params, quantized_tensor_api
+
+(QuantizedLayout, QuantizedTensor, register_layout_class, register_layout_op, BaseLayoutParams,
+ dequantize_args) = quantized_tensor_api()
 
 LAYOUT_NAME = "FluxAccelFP8RowwiseLayout"
 
@@ -47,7 +48,7 @@ class FP8RowwiseLayout(QuantizedLayout):
 
     @classmethod
     def get_plain_tensors(cls, qtensor):
-        return qtensor._qdata, qtensor._params.scale
+        return quantized_data(qtensor), quantized_params(qtensor).scale
 
     @classmethod
     def state_dict_tensors(cls, qdata, params):
@@ -55,7 +56,7 @@ class FP8RowwiseLayout(QuantizedLayout):
 
     @classmethod
     def requantize_kwargs(cls, qtensor):
-        return {"activation_scaling": qtensor._params.activation_scaling}
+        return {"activation_scaling": quantized_params(qtensor).activation_scaling}
 
 
 register_layout_class(LAYOUT_NAME, FP8RowwiseLayout)
@@ -67,24 +68,25 @@ def quantize_weight(weight, dtype, activation_scaling):
 
 
 def is_fp8_weight(tensor):
-    return isinstance(tensor, QuantizedTensor) and tensor._layout_cls == LAYOUT_NAME
+    return isinstance(tensor, QuantizedTensor) and quantized_layout_name(tensor) == LAYOUT_NAME
 
 
 def is_transposed_weight(tensor):
-    return is_fp8_weight(tensor) and tensor._params.transposed
+    return is_fp8_weight(tensor) and quantized_params(tensor).transposed
 
 
 def run_linear(x, transposed_weight, bias):
-    params = transposed_weight._params
-    return fp8.fp8_linear(x, transposed_weight._qdata, params.scale, bias, params.activation_scaling)
+    params = quantized_params(transposed_weight)
+    return fp8.fp8_linear(x, quantized_data(transposed_weight), params.scale, bias, params.activation_scaling)
 
 
 @register_layout_op(torch.ops.aten.t.default, FP8RowwiseLayout)
 def transpose(qt, args, kwargs):
     weight = args[0]
-    params = dataclasses.replace(weight._params, transposed=not weight._params.transposed,
-                                 orig_shape=tuple(reversed(weight._params.orig_shape)))
-    return QuantizedTensor(weight._qdata, LAYOUT_NAME, params)
+    params = quantized_params(weight)
+    params = dataclasses.replace(params, transposed=not params.transposed,
+                                 orig_shape=tuple(reversed(params.orig_shape)))
+    return QuantizedTensor(quantized_data(weight), LAYOUT_NAME, params)
 
 
 @register_layout_op(torch.ops.aten.addmm.default, FP8RowwiseLayout)

@@ -20,25 +20,22 @@ import weakref
 import torch
 from typing_extensions import override
 
-import comfy.model_management
 import comfy.patcher_extension
-import comfy.utils
-import comfy.weight_adapter
 from comfy_api.latest import ComfyExtension, io
 
 from ..kernels import fp8
-from . import CATEGORY, flux_layout
+from . import CATEGORY, comfy_contract, flux_layout
 from .fp8_layout import is_fp8_weight, quantize_weight
 from .patcher_hooks import keep_conds_on_device, non_dynamic_clone, set_callback
 from .reporting import report_run
 
-NODE_NAME = "FP8 Dynamic Quantize"
+NODE_NAME = comfy_contract.FP8_QUANTIZE
 CALLBACK_KEY = "fluxaccel.fp8"
 ACTIVATION_SCALING_OPTIONS = {"per-row": "row", "per-tensor": "tensor"}
 FLOAT_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-class FP8Marker(comfy.weight_adapter.WeightAdapterBase):
+class FP8Marker(comfy_contract.weight_adapter_base()):
     """The identity weight patch that makes ComfyUI's loader send a target weight to its `set_weight`."""
 
     name = "fluxaccel_fp8_marker"
@@ -64,7 +61,7 @@ class QuantizingSetWeight:
 
     def on_model(self, model):
         """The same hook for the layer at the same path in another copy of the model."""
-        return QuantizingSetWeight(self.layer_path, comfy.utils.get_attr(model, self.layer_path), self.activation_scaling)
+        return QuantizingSetWeight(self.layer_path, comfy_contract.get_attr(model, self.layer_path), self.activation_scaling)
 
     def __call__(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
         # ComfyUI itself stores a patched float weight as the merge cast to the model's dtype; the
@@ -89,9 +86,10 @@ def retarget_hooks_on_clone(original, clone):
     """ON_CLONE: a clone made on another module tree quantizes that tree's layers, not the original's."""
     if clone.model is original.model:
         return
-    for key, patch in list(clone.object_patches.items()):
+    patches = comfy_contract.object_patches(clone)
+    for key, patch in list(patches.items()):
         if isinstance(patch, QuantizingSetWeight):
-            clone.object_patches[key] = patch.on_model(clone.model)
+            patches[key] = patch.on_model(clone.model)
 
 
 def parse_exclusions(text):
@@ -110,7 +108,7 @@ def select_target_layers(diffusion_model, extra_exclusions):
 
 def check_float_weights(diffusion_model, targets):
     for path in targets:
-        weight = comfy.utils.get_attr(diffusion_model, path).weight
+        weight = comfy_contract.get_attr(diffusion_model, path).weight
         if is_fp8_weight(weight):
             continue
         if weight.dtype not in FLOAT_WEIGHT_DTYPES or type(weight) is not torch.nn.Parameter:
@@ -122,24 +120,25 @@ def check_float_weights(diffusion_model, targets):
 
 def remove_fp8_hooks(patcher):
     """Undoes an earlier application of this node on the same model, so settings replace, never stack."""
-    for key in [key for key, patch in patcher.object_patches.items() if isinstance(patch, QuantizingSetWeight)]:
-        del patcher.object_patches[key]
-    for key in list(patcher.patches):
-        kept = [patch for patch in patcher.patches[key] if not isinstance(patch[1], FP8Marker)]
+    object_patches, weight_patches = comfy_contract.object_patches(patcher), comfy_contract.weight_patches(patcher)
+    for key in [key for key, patch in object_patches.items() if isinstance(patch, QuantizingSetWeight)]:
+        del object_patches[key]
+    for key in list(weight_patches):
+        kept = [patch for patch in weight_patches[key] if not isinstance(patch[1], FP8Marker)]
         if kept:
-            patcher.patches[key] = kept
+            weight_patches[key] = kept
         else:
-            del patcher.patches[key]
+            del weight_patches[key]
 
 
 def fp8_model_size(patcher, diffusion_model, targets):
     """The model's size once the targets hold FP8 data and one float32 scale per row."""
     saved = 0
     for path in targets:
-        weight = comfy.utils.get_attr(diffusion_model, path).weight
+        weight = comfy_contract.get_attr(diffusion_model, path).weight
         if not is_fp8_weight(weight):
             saved += weight.nbytes - weight.numel() - weight.shape[0] * 4
-    return comfy.model_management.module_size(patcher.model) - saved
+    return comfy_contract.module_size(patcher.model) - saved
 
 
 def execution_summary(patcher, targets, kept, activation_scaling):
@@ -198,10 +197,10 @@ class FP8DynamicQuantize(io.ComfyNode):
         for path in targets:
             layer_path = f"diffusion_model.{path}"
             patched.add_object_patch(f"{layer_path}.set_weight", QuantizingSetWeight(
-                layer_path, comfy.utils.get_attr(patched.model, layer_path), scaling))
+                layer_path, comfy_contract.get_attr(patched.model, layer_path), scaling))
         patched.add_patches({f"diffusion_model.{path}.weight": marker for path in targets})
         set_callback(patched, comfy.patcher_extension.CallbacksMP.ON_CLONE, CALLBACK_KEY, retarget_hooks_on_clone)
-        patched.size = fp8_model_size(patched, diffusion_model, targets)
+        comfy_contract.set_loaded_size(patched, fp8_model_size(patched, diffusion_model, targets))
         keep_conds_on_device(patched)
         report_run(execution_summary(patched, targets, kept, scaling))
         return io.NodeOutput(patched)

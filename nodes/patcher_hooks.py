@@ -6,6 +6,8 @@ import torch
 
 import comfy.patcher_extension
 
+from . import comfy_contract
+
 CONDS_ON_DEVICE_KEY = "fluxaccel.conds_on_device"
 
 
@@ -26,7 +28,7 @@ def non_dynamic_clone(model, node_name):
 
     ComfyUI's DynamicVRAM patcher streams weights per call instead; the clone moves the model to
     ComfyUI's own non-dynamic delegate (re-read from its file)."""
-    if not model.is_dynamic():
+    if not comfy_contract.is_dynamic(model):
         return model.clone()
     try:
         patched = model.clone(disable_dynamic=True)
@@ -54,12 +56,12 @@ def keep_conds_on_device(model_patcher):
 def sample_with_conds_on_device(executor, guider, *args, **kwargs):
     """SAMPLER_SAMPLE wrapper: samples with the run's conditioning on the load device, then puts back
     the run's own (which ComfyUI's clean-up after sampling reads)."""
-    conds = guider.conds
-    guider.conds = conds_on_device(conds, guider.model_patcher.load_device)
+    conds = comfy_contract.guider_conds(guider)
+    comfy_contract.set_guider_conds(guider, conds_on_device(conds, guider.model_patcher.load_device))
     try:
         return executor(guider, *args, **kwargs)
     finally:
-        guider.conds = conds
+        comfy_contract.set_guider_conds(guider, conds)
 
 
 def conds_on_device(conds, device):

@@ -1,7 +1,7 @@
 """Showing what the pack did to the person at the graph editor."""
 import logging
 
-from comfy_execution.utils import get_executing_context
+from . import comfy_contract
 
 
 class PromptReports:
@@ -36,7 +36,9 @@ def report_to_sampler_node(text, passing=False):
     """Shows `text` on the node being executed (the sampler) in the graph editor, when a server runs,
     below the pack's earlier reports on it in this prompt; a `passing` text (work in progress) is
     shown until the next one and not kept."""
-    context = get_executing_context()
+    if "executing-context" in comfy_contract.problems():
+        return
+    context = comfy_contract.executing_context()
     if context is None:
         return
     try:

@@ -16,7 +16,7 @@ import comfy.quant_ops
 import folder_paths
 from conftest import COMFYUI_DIR, PACK_DIR, cpu_machine_only, needs_cuda
 from fluxaccel.kernels import qk_norm_rope_fusion
-from fluxaccel.kernels.regional_compile import use_persistent_compile_cache
+from fluxaccel.kernels.regional_compile import RECOMPILE_LIMIT, compile_cache_folder_for
 from fluxaccel.nodes.compile import BACKEND_KEY, CUDA_GRAPHS_KEY, CompileFlux, compile_cache_folder
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 from cache_reports import cuda_graphs_report, parse_compile_report
@@ -164,9 +164,45 @@ def test_bad_option_gets_a_clear_error():
 def test_cache_folder_is_comfyuis_user_folder_unless_the_user_chose_one(tmp_path, monkeypatch):
     assert compile_cache_folder().startswith(folder_paths.get_user_directory())
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    assert use_persistent_compile_cache(str(tmp_path / "ours")) == str(tmp_path / "ours")
+    assert compile_cache_folder_for(str(tmp_path / "ours")) == str(tmp_path / "ours")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "users"))
-    assert use_persistent_compile_cache(str(tmp_path / "ours")) == str(tmp_path / "users")
+    assert compile_cache_folder_for(str(tmp_path / "ours")) == str(tmp_path / "users")
+
+
+def test_the_packs_compile_settings_stay_out_of_the_rest_of_the_process(monkeypatch):
+    """Dynamo's recompile limit and inductor's cache folder are what they were after Compile FLUX compiled
+    and sampled: core's TorchCompileModel on another model compiles as it would without the pack (the
+    RoPE decompositions excepted: the next test)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    limit = torch._dynamo.config.recompile_limit
+    seen = {}
+
+    def watch(executor, *args, **kwargs):
+        seen["limit"] = torch._dynamo.config.recompile_limit
+        return executor(*args, **kwargs)
+
+    model = compiled(gpu_like_flux(hidden_size=144))
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test", watch)
+    ksample(model, steps=2)
+    assert seen["limit"] == max(limit, RECOMPILE_LIMIT), "raised while the pack's model samples"
+    assert torch._dynamo.config.recompile_limit == limit
+    # Inductor writes its default folder into the variable itself, on first use.
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir())
+
+
+def test_core_torch_compile_on_another_model_gives_what_it_gives_without_the_pack():
+    """The pack's RoPE decompositions hold for the whole process (torch caches no compile given its own):
+    core's TorchCompileModel compiles ComfyUI's RoPE through them, to the same values."""
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    model = gpu_like_flux(hidden_size=128)
+    expected = ksample(model, steps=2)
+    compiled(gpu_like_flux(hidden_size=144))
+    assert torch.ops.comfy_kitchen.apply_rope.default in select_decomp_table()
+    core = TorchCompileModel.execute(model, "inductor").result[0]
+    assert relative_error(ksample(core, steps=2), expected) < FP32_ROUNDING
 
 
 COMPILE_IN_A_FRESH_PROCESS = """
@@ -213,8 +249,8 @@ def compile_in_a_fresh_process(cwd, env, variant):
 
 def test_compiles_after_another_torch_compile_in_the_process(tmp_path):
     """Core's TorchCompileModel or another pack may compile first, and inductor then copies its
-    decomposition table: the RoPE ops registered later were missing from the copy (torch 2.11 failed
-    every Compile FLUX graph on them, torch 2.14 left them unfused)."""
+    decomposition table: RoPE decompositions registered into it later were missing from the copy (torch
+    2.11 failed every Compile FLUX graph on them, torch 2.14 left them unfused)."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile-cache")}
     counters = compile_in_a_fresh_process(tmp_path, env, "after-another-compile")
     assert counters.get("fxgraph_cache_miss", 0) > 1

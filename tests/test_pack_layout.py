@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import tokenize
 import tomllib
 
 from conftest import PACK_DIR
@@ -63,3 +64,36 @@ def test_registry_metadata_is_complete():
     with open(os.path.join(PACK_DIR, "LICENSE")) as f:
         head = f.read(200)
     assert "GNU GENERAL PUBLIC LICENSE" in head and "Version 3" in head, "ComfyUI's license, GPL-3.0"
+
+
+# ComfyUI's extension points, which nodes/ may use directly; every other ComfyUI detail goes through
+# nodes/comfy_contract.py, where each is a touchpoint with its canary test.
+EXTENSION_POINT_MODULES = {"comfy_api.latest", "comfy_api.torch_helpers", "comfy.patcher_extension",
+                           "comfy.model_management", "folder_paths", "server"}
+COMFYUI_ROOTS = {"comfy", "comfy_api", "comfy_execution", "comfy_kitchen", "folder_paths", "nodes", "server"}
+# Private details by the names through which code reaches them.
+PRIVATE_DETAILS = re.compile(r"\._qdata|\._params|\._layout_cls|\.object_patches|\.patches\b(?!_)|\.conds\b"
+                             r"|model_lowvram|current_weight_patches_uuid|cli_args|\.size = |comfy\.(utils|ldm|samplers"
+                             r"|model_patcher|weight_adapter|quant_ops|cli_args)\b")
+
+
+def test_nodes_reach_comfyuis_private_details_only_through_the_contract_module():
+    nodes_dir = os.path.join(PACK_DIR, "nodes")
+    for filename in sorted(os.listdir(nodes_dir)):
+        if not filename.endswith(".py") or filename == "comfy_contract.py":
+            continue
+        path = os.path.join(nodes_dir, filename)
+        comfy_imports = {name for name in imported_modules(path) if name.split(".")[0] in COMFYUI_ROOTS}
+        assert comfy_imports <= EXTENSION_POINT_MODULES, (filename, comfy_imports - EXTENSION_POINT_MODULES)
+        code = code_without_strings(path).replace("comfy_contract.", "")
+        found = [match.group(0) for match in PRIVATE_DETAILS.finditer(code)]
+        assert not found, (filename, found)
+
+
+def code_without_strings(path) -> str:
+    """The file's code, its strings (docstrings, messages) and comments blanked."""
+    with open(path, "rb") as f:
+        tokens = [token._replace(string='""' if token.type == tokenize.STRING else "")
+                  if token.type in (tokenize.STRING, tokenize.COMMENT) else token
+                  for token in tokenize.tokenize(f.readline)]
+    return tokenize.untokenize(tokens).decode()
