@@ -24,6 +24,7 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.utils
 import comfy.weight_adapter
+from comfy.quant_ops import QuantizedTensor
 from comfy_api.latest import ComfyExtension, io
 
 from ..kernels import fp8
@@ -108,6 +109,20 @@ def select_target_layers(diffusion_model, extra_exclusions):
     return fp8.select_layers(layer_names, list(flux_layout.FP8_SENSITIVE_LAYERS) + extra_exclusions)
 
 
+def check_not_quantized_by_comfyui(diffusion_model):
+    """Refuses a model ComfyUI loaded quantized (a scaled-FP8 file, say). Its layers are ComfyUI's mixed-precision
+    ops, no torch.nn.Linear, so without this check the node would find no layer to quantize and say only that."""
+    for path, weight in diffusion_model.named_parameters():
+        if isinstance(weight, QuantizedTensor) and not is_fp8_weight(weight):
+            # Such a weight reports its compute dtype (bf16, say) as its dtype: name the storage instead.
+            raise ValueError(
+                f"{NODE_NAME}: this model is already quantized by ComfyUI ({path} holds {weight._qdata.dtype} data "
+                f"in ComfyUI's {weight._layout_cls}, as loaded from a scaled-FP8 or other quantized checkpoint); "
+                "quantizing it again would compound the error. Use the model as it is, without this node (ComfyUI "
+                "runs its FP8 weights itself), or load the bf16 checkpoint with Load Diffusion Model's weight_dtype "
+                "'default' to use this node.")
+
+
 def check_float_weights(diffusion_model, targets):
     for path in targets:
         weight = comfy.utils.get_attr(diffusion_model, path).weight
@@ -189,6 +204,7 @@ class FP8DynamicQuantize(io.ComfyNode):
         # The loader must call `set_weight`, which DynamicVRAM (weights streamed per call) does not.
         patched = non_dynamic_clone(model, NODE_NAME)
         diffusion_model = patched.get_model_object("diffusion_model")
+        check_not_quantized_by_comfyui(diffusion_model)
         targets, kept = select_target_layers(diffusion_model, parse_exclusions(exclude))
         check_float_weights(diffusion_model, targets)
         scaling = ACTIVATION_SCALING_OPTIONS[activation_scaling]
