@@ -66,11 +66,29 @@ def environment_rendezvous_problem(world_size) -> Optional[str]:
     if missing:
         return (f"ranks from the environment need {', '.join(missing)} set in ComfyUI's environment "
                 "(and on the workers' machines).")
+    for name, low, high in (("WORLD_SIZE", 1, None), ("MASTER_PORT", 1, 65534)):
+        problem = integer_variable_problem(name, low, high)
+        if problem is not None:
+            return problem
     if int(os.environ["WORLD_SIZE"]) != world_size:
         return f"WORLD_SIZE is {os.environ['WORLD_SIZE']}, but the node asks for {world_size} GPUs."
     if os.environ.get("RANK", "0") != "0":
-        return f"ComfyUI must be rank 0, but RANK is {os.environ['RANK']}."
+        return f"ComfyUI must be rank 0, but RANK is '{os.environ['RANK']}'."
     return None
+
+
+def integer_variable_problem(name, low, high=None) -> Optional[str]:
+    """What is wrong with environment variable `name` as an integer from `low` to `high` (None when nothing)."""
+    value = os.environ[name]
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is not None and number >= low and (high is None or number <= high):
+        return None
+    bounds = f"from {low} to {high}" if high is not None else f"of {low} or more"
+    why = " (MASTER_PORT + 1 is rank 0's control port)" if name == "MASTER_PORT" else ""
+    return f"{name} must be an integer {bounds}{why}, not '{value}'; set it so in ComfyUI's environment."
 
 
 def rendezvous_port(port: int) -> int:

@@ -7,6 +7,7 @@ that need more ranks than there are GPUs are skipped.
 """
 import gc
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -432,3 +433,36 @@ def test_ranks_from_an_incomplete_environment_get_a_clear_error(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="need MASTER_ADDR, MASTER_PORT, WORLD_SIZE, FLUXACCEL_CP_SECRET set"):
         across(tiny_flux_patcher(), ranks="environment (multi-machine)")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("WORLD_SIZE", "two", "WORLD_SIZE must be an integer of 1 or more, not 'two'"),
+    ("MASTER_PORT", "29500x", r"MASTER_PORT must be an integer from 1 to 65534 \(MASTER_PORT \+ 1 is rank 0's control "
+                              r"port\), not '29500x'"),
+    ("MASTER_PORT", "65535", "MASTER_PORT must be an integer from 1 to 65534 .*, not '65535'"),
+    ("RANK", "zero", "ComfyUI must be rank 0, but RANK is 'zero'"),
+])
+def test_ranks_from_an_environment_with_a_bad_number_get_a_clear_error(monkeypatch, name, value, message):
+    environment = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "2",
+                   "FLUXACCEL_CP_SECRET": "shared secret of this test", "RANK": "0", name: value}
+    for variable, setting in environment.items():
+        monkeypatch.setenv(variable, setting)
+    with pytest.raises(ValueError, match=message):
+        across(tiny_flux_patcher(), ranks="environment (multi-machine)")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("RANK", "one", r"RANK must be an integer of 1 or more \(ComfyUI is rank 0\), not 'one'"),
+    ("RANK", "0", r"RANK must be an integer of 1 or more \(ComfyUI is rank 0\), not '0'"),
+    ("MASTER_PORT", "port", r"MASTER_PORT must be an integer from 1 to 65534 \(MASTER_PORT \+ 1 is rank 0's control "
+                            r"port\), not 'port'"),
+    ("LOCAL_RANK", "gpu0", "LOCAL_RANK must be an integer of 0 or more, not 'gpu0'"),
+    ("FLUXACCEL_CP_SECRET", "", "FLUXACCEL_CP_SECRET is not set"),
+])
+def test_a_worker_started_by_hand_with_a_bad_environment_says_which_variable(name, value, message):
+    environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "1",
+                   "FLUXACCEL_CP_SECRET": "shared secret of this test", name: value}
+    worker = subprocess.run([sys.executable, WORKER_SCRIPT, "--comfyui", COMFYUI_DIR], env=environment,
+                            capture_output=True, text=True, timeout=60)
+    assert worker.returncode == 1
+    assert re.search(f"context_parallel_worker.py: {message}", worker.stderr), worker.stderr
