@@ -353,6 +353,34 @@ def test_bad_settings_get_a_clear_error(settings, message):
         across(tiny_flux_patcher(), **settings)
 
 
+@pytest.mark.skipif(ON_GPUS, reason="the limits of CPU processes")
+def test_more_cpu_processes_than_cores_get_a_clear_error(monkeypatch):
+    """Up to one process per core, or 4 on a smaller machine (CI's 2 cores run the 4-rank tests)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"8 processes asked for on a CPU-only ComfyUI that may use 2 CPU cores; .* "
+                                         r"Use gpus 4 or fewer"):
+        across(tiny_flux_patcher(), 8, cfg_parallel=True)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    across(tiny_flux_patcher(), 8, cfg_parallel=True)
+
+
+@pytest.mark.skipif(ON_GPUS, reason="the limits of CPU processes")
+def test_more_copies_of_the_model_than_memory_holds_get_a_clear_error(monkeypatch):
+    model = tiny_flux_patcher()
+    size = model.model_size()
+    available = size * 3 // 2
+    memory = psutil.virtual_memory()._replace(available=available)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory)
+    mib = f"{size / 2**20:.1f} MiB"
+    with pytest.raises(ValueError, match=f"4 processes need 3 copies of the model besides ComfyUI's \\({mib} each, "
+                                         f"{3 * size / 2**20:.1f} MiB\\), but {available / 2**20:.1f} MiB of memory "
+                                         r"is available. Use gpus 2 or fewer, or free memory"):
+        across(model, 4)
+    across(model, 2)
+
+
 def test_a_port_in_use_gets_a_clear_error():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
