@@ -6,20 +6,25 @@ live across prompts and hold one replica; a failure anywhere tears the pool down
 prompt starts a fresh one.
 
 Ranks meet in one of two ways:
-- local: the node starts one worker per extra GPU of this machine (rendezvous on 127.0.0.1);
+- local: the node starts one worker per extra GPU of this machine (a file store in a private folder, gloo's and
+  NCCL's sockets and the control connection on loopback: nothing another machine could reach);
 - env: torch.distributed's environment rendezvous (MASTER_ADDR, MASTER_PORT, WORLD_SIZE). ComfyUI
   is rank 0; the other ranks are workers started on their machines (context_parallel_worker.py).
 Workers connect to rank 0's control listener (an authenticated connection: what to do next, and
 their failures); tensors go over the process group (over the connections on CPUs).
 """
 import atexit
+import contextlib
 import json
 import logging
 import os
+import pathlib
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ from datetime import timedelta
 from multiprocessing.connection import Connection, Listener
 from typing import Callable, Optional
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -45,6 +51,10 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=15)
 FAILURE_REPORT_SECONDS = 3.0
 SECRET_VARIABLE = "FLUXACCEL_CP_SECRET"
 WATCH_SECONDS = 0.5
+# Where gloo and NCCL open their sockets; set to loopback for ranks of this machine.
+SOCKET_INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+# (NCCL_SOCKET_IFNAME,) as the process's NCCL first started, once it has.
+_nccl_interface: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,7 @@ class PoolLayout:
     degrees: ParallelDegrees
     devices: tuple  # torch device of each local rank, rank 0 first (ComfyUI's own device)
     visible_gpus: tuple  # per local rank: the CUDA_VISIBLE_DEVICES entry of its GPU ("" on CPU)
-    port: int  # local rendezvous port on 127.0.0.1, 0 for a free one
+    port: int  # rank 0's control port on 127.0.0.1 for ranks of this machine, 0 for a free one
     ranks_from: str = "local"  # or "env": torch.distributed's environment, workers started by the user
 
     @property
@@ -102,6 +112,26 @@ def rendezvous_port(port: int) -> int:
         return probe.getsockname()[1]
 
 
+def loopback_interface() -> str:
+    """The name of the network interface that holds 127.0.0.1 ('lo' on Linux)."""
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(address.family == socket.AF_INET and address.address.startswith("127.") for address in addresses):
+            return name
+    return "lo"
+
+
+def claim_nccl_interface(interface: Optional[str]):
+    """NCCL binds its sockets to the interface it found at the process's first communicator, whatever is set later:
+    a ValueError when a pool needs another one than that."""
+    global _nccl_interface
+    if _nccl_interface is not None and _nccl_interface[0] != interface:
+        raise ValueError("NCCL in ComfyUI's process was set up for ranks "
+                         + ("of this machine (on loopback)" if _nccl_interface[0] == loopback_interface() else
+                            "on several machines") + "; restart ComfyUI to switch between 'this machine' and "
+                         "'environment (multi-machine)' on GPUs.")
+    _nccl_interface = (interface,)
+
+
 class WorkerFailed(RuntimeError):
     pass
 
@@ -116,6 +146,7 @@ class RankPool:
         self.replica_key = None
         self.run_serial = 0
         self.stopping = False
+        self.store_dir: Optional[str] = None  # the file store's private folder, for ranks of this machine
         self._forget_graphs()
 
     def _forget_graphs(self):
@@ -125,6 +156,8 @@ class RankPool:
     def start(self, comfy_args: dict):
         world_size = self.layout.degrees.world_size
         if self.layout.ranks_from == "env":
+            if self.layout.backend == "nccl":
+                claim_nccl_interface(os.environ.get("NCCL_SOCKET_IFNAME"))
             init_method, secret = "env://", os.environ[SECRET_VARIABLE].encode()
             control_port = int(os.environ["MASTER_PORT"]) + 1
             try:
@@ -133,9 +166,11 @@ class RankPool:
                 raise ValueError(f"rank 0's control port {control_port} (MASTER_PORT + 1) cannot be opened "
                                  f"({error.strerror}); choose another MASTER_PORT.") from error
         else:
-            init_method = f"tcp://127.0.0.1:{rendezvous_port(self.layout.port)}"
+            # A file store in a private folder: a TCP store would listen on every interface, unauthenticated.
+            self.store_dir = tempfile.mkdtemp(prefix="fluxaccel-cp-")
+            init_method = pathlib.Path(self.store_dir, "store").as_uri()
             secret = secrets.token_hex(32).encode()
-            listener = Listener(("127.0.0.1", 0), authkey=secret)
+            listener = Listener(("127.0.0.1", rendezvous_port(self.layout.port)), authkey=secret)
             for rank in range(1, world_size):
                 self._spawn(rank, listener.address, secret)
         try:
@@ -148,17 +183,41 @@ class RankPool:
         if self.layout.backend == "nccl":
             # A failed collective must raise in ComfyUI's process, not end it (NCCL's default on errors).
             os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
-        dist.init_process_group(self.layout.backend, init_method=init_method, rank=0,
-                                world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
-                                **({"device_id": self.device} if self.device.type == "cuda" else {}))
-        self.groups = make_rank_groups(self.layout.degrees)
+        with self._socket_interface():
+            dist.init_process_group(self.layout.backend, init_method=init_method, rank=0,
+                                    world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
+                                    **({"device_id": self.device} if self.device.type == "cuda" else {}))
+            self.groups = make_rank_groups(self.layout.degrees)
         if self.layout.backend == "nccl":
             threading.Thread(target=self._abort_when_a_worker_dies, name="fluxaccel-cp-watch", daemon=True).start()
         logging.info("Context Parallel: %d ranks ready (Ulysses %d x ring %d, %s)", world_size,
                      self.layout.degrees.ulysses, self.layout.degrees.ring, self.layout.backend)
 
+    @contextlib.contextmanager
+    def _socket_interface(self):
+        """Rank 0's gloo and NCCL sockets on loopback while its groups are made, for ranks of this machine; the
+        process's own settings come back after. gloo reads GLOO_SOCKET_IFNAME as each group is made (all are, here);
+        NCCL reads NCCL_SOCKET_IFNAME once per process, at its first communicator, and keeps that interface."""
+        if self.layout.ranks_from != "local":
+            yield
+            return
+        interface = loopback_interface()
+        if self.layout.backend == "nccl":
+            claim_nccl_interface(interface)
+        saved = {name: os.environ.get(name) for name in SOCKET_INTERFACE_VARIABLES}
+        os.environ.update(dict.fromkeys(SOCKET_INTERFACE_VARIABLES, interface))
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
     def _spawn(self, rank, control_address, secret):
-        environment = {**os.environ, SECRET_VARIABLE: secret.decode()}
+        environment = {**os.environ, SECRET_VARIABLE: secret.decode(),
+                       **dict.fromkeys(SOCKET_INTERFACE_VARIABLES, loopback_interface())}
         if torch.device(self.layout.devices[rank]).type == "cuda":
             environment["CUDA_VISIBLE_DEVICES"] = self.layout.visible_gpus[rank]
         local = {"comfyui_dir": comfyui_dir(), "rank": rank, "control": list(control_address)}
@@ -325,6 +384,8 @@ class RankPool:
             dist.distributed_c10d._abort_process_group()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
         self.processes, self.connections, self.groups, self.replica_key = [], [], None, None
 
 

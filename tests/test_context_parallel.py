@@ -381,6 +381,41 @@ def test_more_copies_of_the_model_than_memory_holds_get_a_clear_error(monkeypatc
     across(model, 2)
 
 
+def listening_sockets(pids) -> set:
+    return {(connection.pid, connection.laddr.ip, connection.laddr.port)
+            for connection in psutil.net_connections(kind="inet")
+            if connection.status == psutil.CONN_LISTEN and connection.pid in pids}
+
+
+def network_interface():
+    """A network interface other than loopback, if the machine has one with an IPv4 address."""
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(address.family == socket.AF_INET and not address.address.startswith("127.") for address in addresses):
+            return name
+    return None
+
+
+@pytest.mark.skipif(ON_GPUS, reason="gloo's sockets (NCCL's follow the same variables)")
+def test_ranks_on_this_machine_listen_on_loopback_only(monkeypatch):
+    """The process group's rendezvous and gloo's connections stay on loopback while the workers live: nothing
+    another machine could reach (the test process's own earlier listeners aside), even where ComfyUI's environment
+    points gloo at the network, which ComfyUI's process gets back once the ranks have met."""
+    interface = network_interface()
+    if interface is not None:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", interface)
+    before = listening_sockets({os.getpid()})
+    ksample(across(tiny_flux_patcher()), steps=2)
+    pids = {os.getpid(), *(process.pid for process in context_parallel_pool.active_pool().processes)}
+    opened = listening_sockets(pids) - before
+    assert opened, "the ranks' sockets must be seen for this test to mean anything"
+    assert {ip for _, ip, _ in opened} <= {"127.0.0.1", "::1"}, opened
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == interface
+    store_dir = context_parallel_pool.active_pool().store_dir
+    assert os.listdir(store_dir) and os.stat(store_dir).st_mode & 0o077 == 0, "the file store's folder is private"
+    context_parallel_pool.shutdown_pool()
+    assert not os.path.exists(store_dir)
+
+
 def test_a_port_in_use_gets_a_clear_error():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
