@@ -156,8 +156,6 @@ class RankPool:
     def start(self, comfy_args: dict):
         world_size = self.layout.degrees.world_size
         if self.layout.ranks_from == "env":
-            if self.layout.backend == "nccl":
-                claim_nccl_interface(os.environ.get("NCCL_SOCKET_IFNAME"))
             init_method, secret = "env://", os.environ[SECRET_VARIABLE].encode()
             control_port = int(os.environ["MASTER_PORT"]) + 1
             try:
@@ -183,6 +181,8 @@ class RankPool:
         if self.layout.backend == "nccl":
             # A failed collective must raise in ComfyUI's process, not end it (NCCL's default on errors).
             os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
+            claim_nccl_interface(loopback_interface() if self.layout.ranks_from == "local" else
+                                 os.environ.get("NCCL_SOCKET_IFNAME"))
         with self._socket_interface():
             dist.init_process_group(self.layout.backend, init_method=init_method, rank=0,
                                     world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
@@ -202,8 +202,6 @@ class RankPool:
             yield
             return
         interface = loopback_interface()
-        if self.layout.backend == "nccl":
-            claim_nccl_interface(interface)
         saved = {name: os.environ.get(name) for name in SOCKET_INTERFACE_VARIABLES}
         os.environ.update(dict.fromkeys(SOCKET_INTERFACE_VARIABLES, interface))
         try:

@@ -416,6 +416,19 @@ def test_ranks_on_this_machine_listen_on_loopback_only(monkeypatch):
     assert not os.path.exists(store_dir)
 
 
+def test_nccl_kept_on_loopback_refuses_ranks_on_other_machines_until_comfyui_restarts(monkeypatch):
+    """NCCL binds to the interface of the process's first communicator for good: a pool that needs another one
+    gets a message instead of ranks that never meet."""
+    monkeypatch.setattr(context_parallel_pool, "_nccl_interface", None)
+    loopback = context_parallel_pool.loopback_interface()
+    context_parallel_pool.claim_nccl_interface(loopback)
+    context_parallel_pool.claim_nccl_interface(loopback)
+    with pytest.raises(ValueError, match=r"NCCL in ComfyUI's process was set up for ranks of this machine \(on "
+                                         r"loopback\); restart ComfyUI to switch between 'this machine' and "
+                                         r"'environment \(multi-machine\)' on GPUs"):
+        context_parallel_pool.claim_nccl_interface(None)
+
+
 def test_a_port_in_use_gets_a_clear_error():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
