@@ -197,6 +197,11 @@ def quantized_tensor_api():
             dequantize_args)
 
 
+def is_quantized_tensor(tensor) -> bool:
+    """Whether `tensor` is one of ComfyUI's QuantizedTensors (the pack's FP8 weights, or a quantized checkpoint's)."""
+    return isinstance(tensor, quantized_tensor_api()[1])
+
+
 def quantized_data(qtensor):
     return qtensor._qdata
 

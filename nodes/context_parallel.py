@@ -17,6 +17,7 @@ import os
 import weakref
 from typing import Optional
 
+import psutil
 import torch
 from typing_extensions import override
 
@@ -261,6 +262,54 @@ def pool_layout(gpus, degrees: ParallelDegrees, port, ranks_from) -> PoolLayout:
     return PoolLayout(degrees, tuple(f"cuda:{i}" for i in indices), tuple(physical), port)
 
 
+# On a CPU-only ComfyUI the node is for trying it out: enough processes for every layout (CFG parallel x Ulysses 2)
+# even on a machine of fewer cores.
+MIN_CPU_PROCESS_LIMIT = 4
+
+
+def cpu_cores() -> int:
+    """The CPU cores ComfyUI's process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_processes_problem(processes, model_patcher) -> Optional[str]:
+    """Why this machine should not run `processes` CPU ranks of this model (None when it can): more processes than
+    cores only share them, and each worker holds its own copy of the model in memory."""
+    cores = cpu_cores()
+    if processes > max(cores, MIN_CPU_PROCESS_LIMIT):
+        return (f"{processes} processes asked for on a CPU-only ComfyUI that may use {cores} CPU cores; more processes "
+                "than cores only share them, each with its own copy of the model. Use gpus "
+                f"{max(cores, MIN_CPU_PROCESS_LIMIT)} or fewer (on a CPU the node is for trying it out).")
+    replica = model_patcher.model_size()
+    available = psutil.virtual_memory().available + running_workers_memory()
+    if (processes - 1) * replica <= available:
+        return None
+    fitting = 1 + available // max(replica, 1)
+    fix = f"Use gpus {fitting} or fewer" if fitting >= 2 else "This machine cannot hold a second copy: use gpus 1"
+    copies = (f"1 copy of the model besides ComfyUI's ({memory_size(replica)})" if processes == 2 else
+              f"{processes - 1} copies of the model besides ComfyUI's ({memory_size(replica)} each, "
+              f"{memory_size((processes - 1) * replica)})")
+    return f"{processes} processes need {copies}, but {memory_size(available)} of memory is available. {fix}, or free memory."
+
+
+def running_workers_memory() -> int:
+    """What the running workers hold: it comes back when their replica is replaced or they are stopped."""
+    pool, held = active_pool(), 0
+    for process in pool.processes if pool is not None else ():
+        try:
+            held += psutil.Process(process.pid).memory_info().rss
+        except psutil.Error:
+            pass  # it has ended
+    return held
+
+
+def memory_size(size) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
 class ContextParallel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -278,7 +327,8 @@ class ContextParallel(io.ComfyNode):
                 io.Model.Input("model", tooltip=flux_layout.MODEL_INPUT_TOOLTIP),
                 io.Int.Input("gpus", default=2, min=1, max=64,
                              tooltip=("How many GPUs share each forward: ComfyUI's GPU and the next ones. "
-                                      "On a CPU-only ComfyUI: how many processes. 1 leaves the model as it is.")),
+                                      "On a CPU-only ComfyUI: how many processes (at most one per CPU core, or 4, "
+                                      "and as many copies of the model as memory holds). 1 leaves the model as it is.")),
                 io.Int.Input("ulysses_degree", default=0, min=0, max=64,
                              tooltip=("GPUs that split the attention heads (all-to-all); must divide the model's "
                                       "heads: FLUX.1's and Chroma's 24 (1, 2, 3, 4, 6, 8, 12, 24), FLUX.2 dev's 48. "
@@ -320,6 +370,10 @@ class ContextParallel(io.ComfyNode):
         if ranks not in RANKS_FROM:
             raise ValueError(f"{NODE_NAME}: ranks must be one of {', '.join(RANKS_FROM)}, not '{ranks}'.")
         layout = pool_layout(gpus, degrees, port, RANKS_FROM[ranks])
+        if layout.ranks_from == "local" and layout.backend == "gloo":
+            problem = cpu_processes_problem(gpus, model)
+            if problem is not None:
+                raise ValueError(f"{NODE_NAME}: {problem}")
         running = active_pool()
         if layout.ranks_from == "local" and port != 0 and (running is None or running.layout.port != port):
             rendezvous_port(port)

@@ -6,7 +6,8 @@ live across prompts and hold one replica; a failure anywhere tears the pool down
 prompt starts a fresh one.
 
 Ranks meet in one of two ways:
-- local: the node starts one worker per extra GPU of this machine (rendezvous on 127.0.0.1);
+- local: the node starts one worker per extra GPU of this machine (a file store in a private folder, gloo's and
+  NCCL's sockets and the control connection on loopback: nothing another machine could reach);
 - env: torch.distributed's environment rendezvous (MASTER_ADDR, MASTER_PORT, WORLD_SIZE). ComfyUI
   is rank 0; the other ranks are workers started on their machines (context_parallel_worker.py).
 Workers connect to rank 0's control listener (an authenticated connection: what to do next, and
@@ -17,10 +18,13 @@ import contextlib
 import json
 import logging
 import os
+import pathlib
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from datetime import timedelta
 from multiprocessing.connection import Connection, Listener
 from typing import Callable, Optional
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -47,6 +52,10 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=15)
 FAILURE_REPORT_SECONDS = 3.0
 SECRET_VARIABLE = "FLUXACCEL_CP_SECRET"
 WATCH_SECONDS = 0.5
+# Where gloo and NCCL open their sockets; set to loopback for ranks of this machine.
+SOCKET_INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+# (NCCL_SOCKET_IFNAME,) as the process's NCCL first started, once it has.
+_nccl_interface: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class PoolLayout:
     degrees: ParallelDegrees
     devices: tuple  # torch device of each local rank, rank 0 first (ComfyUI's own device)
     visible_gpus: tuple  # per local rank: the CUDA_VISIBLE_DEVICES entry of its GPU ("" on CPU)
-    port: int  # local rendezvous port on 127.0.0.1, 0 for a free one
+    port: int  # rank 0's control port on 127.0.0.1 for ranks of this machine, 0 for a free one
     ranks_from: str = "local"  # or "env": torch.distributed's environment, workers started by the user
 
     @property
@@ -68,11 +77,29 @@ def environment_rendezvous_problem(world_size) -> Optional[str]:
     if missing:
         return (f"ranks from the environment need {', '.join(missing)} set in ComfyUI's environment "
                 "(and on the workers' machines).")
+    for name, low, high in (("WORLD_SIZE", 1, None), ("MASTER_PORT", 1, 65534)):
+        problem = integer_variable_problem(name, low, high)
+        if problem is not None:
+            return problem
     if int(os.environ["WORLD_SIZE"]) != world_size:
         return f"WORLD_SIZE is {os.environ['WORLD_SIZE']}, but the node asks for {world_size} GPUs."
     if os.environ.get("RANK", "0") != "0":
-        return f"ComfyUI must be rank 0, but RANK is {os.environ['RANK']}."
+        return f"ComfyUI must be rank 0, but RANK is '{os.environ['RANK']}'."
     return None
+
+
+def integer_variable_problem(name, low, high=None) -> Optional[str]:
+    """What is wrong with environment variable `name` as an integer from `low` to `high` (None when nothing)."""
+    value = os.environ[name]
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is not None and number >= low and (high is None or number <= high):
+        return None
+    bounds = f"from {low} to {high}" if high is not None else f"of {low} or more"
+    why = " (MASTER_PORT + 1 is rank 0's control port)" if name == "MASTER_PORT" else ""
+    return f"{name} must be an integer {bounds}{why}, not '{value}'; set it so in ComfyUI's environment."
 
 
 def rendezvous_port(port: int) -> int:
@@ -84,6 +111,26 @@ def rendezvous_port(port: int) -> int:
             raise ValueError(f"port {port} is already in use ({error.strerror}); choose another port, "
                              "or 0 to pick a free one.") from error
         return probe.getsockname()[1]
+
+
+def loopback_interface() -> str:
+    """The name of the network interface that holds 127.0.0.1 ('lo' on Linux)."""
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(address.family == socket.AF_INET and address.address.startswith("127.") for address in addresses):
+            return name
+    return "lo"
+
+
+def claim_nccl_interface(interface: Optional[str]):
+    """NCCL binds its sockets to the interface it found at the process's first communicator, whatever is set later:
+    a ValueError when a pool needs another one than that."""
+    global _nccl_interface
+    if _nccl_interface is not None and _nccl_interface[0] != interface:
+        raise ValueError("NCCL in ComfyUI's process was set up for ranks "
+                         + ("of this machine (on loopback)" if _nccl_interface[0] == loopback_interface() else
+                            "on several machines") + "; restart ComfyUI to switch between 'this machine' and "
+                         "'environment (multi-machine)' on GPUs.")
+    _nccl_interface = (interface,)
 
 
 class WorkerFailed(RuntimeError):
@@ -100,6 +147,7 @@ class RankPool:
         self.replica_key = None
         self.run_serial = 0
         self.stopping = False
+        self.store_dir: Optional[str] = None  # the file store's private folder, for ranks of this machine
         self._forget_graphs()
 
     def _forget_graphs(self):
@@ -117,9 +165,11 @@ class RankPool:
                 raise ValueError(f"rank 0's control port {control_port} (MASTER_PORT + 1) cannot be opened "
                                  f"({error.strerror}); choose another MASTER_PORT.") from error
         else:
-            init_method = f"tcp://127.0.0.1:{rendezvous_port(self.layout.port)}"
+            # A file store in a private folder: a TCP store would listen on every interface, unauthenticated.
+            self.store_dir = tempfile.mkdtemp(prefix="fluxaccel-cp-")
+            init_method = pathlib.Path(self.store_dir, "store").as_uri()
             secret = secrets.token_hex(32).encode()
-            listener = Listener(("127.0.0.1", 0), authkey=secret)
+            listener = Listener(("127.0.0.1", rendezvous_port(self.layout.port)), authkey=secret)
             for rank in range(1, world_size):
                 self._spawn(rank, listener.address, secret)
         try:
@@ -129,9 +179,10 @@ class RankPool:
         for rank, connection in enumerate(self.connections, start=1):
             connection.send(self._setup(rank, init_method, comfy_args))
         self._wait_until_ready()
-        # A failed collective must raise in ComfyUI's process, not end it (NCCL's default on errors). Each
-        # NCCL process group reads the variable when it is made: set only while the pack makes its own.
-        with environment_while({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"} if self.layout.backend == "nccl" else {}):
+        if self.layout.backend == "nccl":
+            claim_nccl_interface(loopback_interface() if self.layout.ranks_from == "local" else
+                                 os.environ.get("NCCL_SOCKET_IFNAME"))
+        with environment_while(self._group_environment()):
             dist.init_process_group(self.layout.backend, init_method=init_method, rank=0,
                                     world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
                                     **({"device_id": self.device} if self.device.type == "cuda" else {}))
@@ -141,8 +192,19 @@ class RankPool:
         logging.info("Context Parallel: %d ranks ready (Ulysses %d x ring %d, %s)", world_size,
                      self.layout.degrees.ulysses, self.layout.degrees.ring, self.layout.backend)
 
+    def _group_environment(self) -> dict:
+        """What rank 0's process groups are made under. A failed NCCL collective must raise in ComfyUI's
+        process, not end it (NCCL's default on errors); for ranks of this machine, gloo's and NCCL's sockets
+        on loopback. Each group reads these when it is made, so they are set only while the pack makes its
+        own (NCCL keeps the interface of its first communicator for the process: claim_nccl_interface)."""
+        variables = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"} if self.layout.backend == "nccl" else {}
+        if self.layout.ranks_from == "local":
+            variables.update(dict.fromkeys(SOCKET_INTERFACE_VARIABLES, loopback_interface()))
+        return variables
+
     def _spawn(self, rank, control_address, secret):
-        environment = {**os.environ, SECRET_VARIABLE: secret.decode()}
+        environment = {**os.environ, SECRET_VARIABLE: secret.decode(),
+                       **dict.fromkeys(SOCKET_INTERFACE_VARIABLES, loopback_interface())}
         if torch.device(self.layout.devices[rank]).type == "cuda":
             environment["CUDA_VISIBLE_DEVICES"] = self.layout.visible_gpus[rank]
         local = {"comfyui_dir": comfyui_dir(), "rank": rank, "control": list(control_address)}
@@ -309,6 +371,8 @@ class RankPool:
             dist.distributed_c10d._abort_process_group()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
         self.processes, self.connections, self.groups, self.replica_key = [], [], None, None
 
 

@@ -49,6 +49,27 @@ def connect(address, secret, wait_seconds):
             time.sleep(CONNECT_RETRY_SECONDS)
 
 
+def environment_text(name) -> str:
+    """A variable this worker needs, or an exit naming it."""
+    value = os.environ.get(name)
+    if not value:
+        sys.exit(f"context_parallel_worker.py: {name} is not set; set it as described in this script's --help.")
+    return value
+
+
+def environment_integer(name, low, high=None, why="") -> int:
+    """An integer variable from `low` to `high`, or an exit naming the variable and its value."""
+    value = environment_text(name)
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of {low} or more"
+        sys.exit(f"context_parallel_worker.py: {name} must be an integer {bounds}{why}, not '{value}'.")
+    return number
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", help="ComfyUI's folder on this machine (a worker you start)")
@@ -64,8 +85,12 @@ def main():
         local = json.loads(args.local)
         comfyui_dir, rank, address, wait = local["comfyui_dir"], local["rank"], tuple(local["control"]), 60.0
     else:
-        comfyui_dir, rank = args.comfyui, int(os.environ["RANK"])
-        address, wait = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 1), args.wait
+        comfyui_dir, rank = args.comfyui, environment_integer("RANK", 1, why=" (ComfyUI is rank 0)")
+        address, wait = (environment_text("MASTER_ADDR"), environment_integer("MASTER_PORT", 1, 65534,
+                                                                           " (MASTER_PORT + 1 is rank 0's control port)") + 1), args.wait
+        environment_text(SECRET_VARIABLE)
+        if "LOCAL_RANK" in os.environ:
+            environment_integer("LOCAL_RANK", 0)  # the GPU worker_main picks
     connection = connect(address, os.environ[SECRET_VARIABLE].encode(), wait)
     connection.send(rank)
     sys.path.insert(0, comfyui_dir)

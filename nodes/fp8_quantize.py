@@ -106,6 +106,21 @@ def select_target_layers(diffusion_model, extra_exclusions):
     return fp8.select_layers(layer_names, list(flux_layout.FP8_SENSITIVE_LAYERS) + extra_exclusions)
 
 
+def check_not_quantized_by_comfyui(diffusion_model):
+    """Refuses a model ComfyUI loaded quantized (a scaled-FP8 file, say). Its layers are ComfyUI's mixed-precision
+    ops, no torch.nn.Linear, so without this check the node would find no layer to quantize and say only that."""
+    for path, weight in diffusion_model.named_parameters():
+        if comfy_contract.is_quantized_tensor(weight) and not is_fp8_weight(weight):
+            # Such a weight reports its compute dtype (bf16, say) as its dtype: name the storage instead.
+            raise ValueError(
+                f"{NODE_NAME}: this model is already quantized by ComfyUI ({path} holds "
+                f"{comfy_contract.quantized_data(weight).dtype} data in ComfyUI's "
+                f"{comfy_contract.quantized_layout_name(weight)}, as loaded from a scaled-FP8 or other quantized "
+                "checkpoint); quantizing it again would compound the error. Use the model as it is, without this node (ComfyUI "
+                "runs its FP8 weights itself), or load the bf16 checkpoint with Load Diffusion Model's weight_dtype "
+                "'default' to use this node.")
+
+
 def check_float_weights(diffusion_model, targets):
     for path in targets:
         weight = comfy_contract.get_attr(diffusion_model, path).weight
@@ -188,6 +203,7 @@ class FP8DynamicQuantize(io.ComfyNode):
         # The loader must call `set_weight`, which DynamicVRAM (weights streamed per call) does not.
         patched = non_dynamic_clone(model, NODE_NAME)
         diffusion_model = patched.get_model_object("diffusion_model")
+        check_not_quantized_by_comfyui(diffusion_model)
         targets, kept = select_target_layers(diffusion_model, parse_exclusions(exclude))
         check_float_weights(diffusion_model, targets)
         scaling = ACTIVATION_SCALING_OPTIONS[activation_scaling]

@@ -7,6 +7,7 @@ that need more ranks than there are GPUs are skipped.
 """
 import gc
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -352,6 +353,82 @@ def test_bad_settings_get_a_clear_error(settings, message):
         across(tiny_flux_patcher(), **settings)
 
 
+@pytest.mark.skipif(ON_GPUS, reason="the limits of CPU processes")
+def test_more_cpu_processes_than_cores_get_a_clear_error(monkeypatch):
+    """Up to one process per core, or 4 on a smaller machine (CI's 2 cores run the 4-rank tests)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"8 processes asked for on a CPU-only ComfyUI that may use 2 CPU cores; .* "
+                                         r"Use gpus 4 or fewer"):
+        across(tiny_flux_patcher(), 8, cfg_parallel=True)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    across(tiny_flux_patcher(), 8, cfg_parallel=True)
+
+
+@pytest.mark.skipif(ON_GPUS, reason="the limits of CPU processes")
+def test_more_copies_of_the_model_than_memory_holds_get_a_clear_error(monkeypatch):
+    model = tiny_flux_patcher()
+    size = model.model_size()
+    available = size * 3 // 2
+    memory = psutil.virtual_memory()._replace(available=available)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory)
+    mib = f"{size / 2**20:.1f} MiB"
+    with pytest.raises(ValueError, match=f"4 processes need 3 copies of the model besides ComfyUI's \\({mib} each, "
+                                         f"{3 * size / 2**20:.1f} MiB\\), but {available / 2**20:.1f} MiB of memory "
+                                         r"is available. Use gpus 2 or fewer, or free memory"):
+        across(model, 4)
+    across(model, 2)
+
+
+def listening_sockets(pids) -> set:
+    return {(connection.pid, connection.laddr.ip, connection.laddr.port)
+            for connection in psutil.net_connections(kind="inet")
+            if connection.status == psutil.CONN_LISTEN and connection.pid in pids}
+
+
+def network_interface():
+    """A network interface other than loopback, if the machine has one with an IPv4 address."""
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(address.family == socket.AF_INET and not address.address.startswith("127.") for address in addresses):
+            return name
+    return None
+
+
+@pytest.mark.skipif(ON_GPUS, reason="gloo's sockets (NCCL's follow the same variables)")
+def test_ranks_on_this_machine_listen_on_loopback_only(monkeypatch):
+    """The process group's rendezvous and gloo's connections stay on loopback while the workers live: nothing
+    another machine could reach (the test process's own earlier listeners aside), even where ComfyUI's environment
+    points gloo at the network, which ComfyUI's process gets back once the ranks have met."""
+    interface = network_interface()
+    if interface is not None:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", interface)
+    before = listening_sockets({os.getpid()})
+    ksample(across(tiny_flux_patcher()), steps=2)
+    pids = {os.getpid(), *(process.pid for process in context_parallel_pool.active_pool().processes)}
+    opened = listening_sockets(pids) - before
+    assert opened, "the ranks' sockets must be seen for this test to mean anything"
+    assert {ip for _, ip, _ in opened} <= {"127.0.0.1", "::1"}, opened
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == interface
+    store_dir = context_parallel_pool.active_pool().store_dir
+    assert os.listdir(store_dir) and os.stat(store_dir).st_mode & 0o077 == 0, "the file store's folder is private"
+    context_parallel_pool.shutdown_pool()
+    assert not os.path.exists(store_dir)
+
+
+def test_nccl_kept_on_loopback_refuses_ranks_on_other_machines_until_comfyui_restarts(monkeypatch):
+    """NCCL binds to the interface of the process's first communicator for good: a pool that needs another one
+    gets a message instead of ranks that never meet."""
+    monkeypatch.setattr(context_parallel_pool, "_nccl_interface", None)
+    loopback = context_parallel_pool.loopback_interface()
+    context_parallel_pool.claim_nccl_interface(loopback)
+    context_parallel_pool.claim_nccl_interface(loopback)
+    with pytest.raises(ValueError, match=r"NCCL in ComfyUI's process was set up for ranks of this machine \(on "
+                                         r"loopback\); restart ComfyUI to switch between 'this machine' and "
+                                         r"'environment \(multi-machine\)' on GPUs"):
+        context_parallel_pool.claim_nccl_interface(None)
+
+
 def test_a_port_in_use_gets_a_clear_error():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -432,3 +509,36 @@ def test_ranks_from_an_incomplete_environment_get_a_clear_error(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="need MASTER_ADDR, MASTER_PORT, WORLD_SIZE, FLUXACCEL_CP_SECRET set"):
         across(tiny_flux_patcher(), ranks="environment (multi-machine)")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("WORLD_SIZE", "two", "WORLD_SIZE must be an integer of 1 or more, not 'two'"),
+    ("MASTER_PORT", "29500x", r"MASTER_PORT must be an integer from 1 to 65534 \(MASTER_PORT \+ 1 is rank 0's control "
+                              r"port\), not '29500x'"),
+    ("MASTER_PORT", "65535", "MASTER_PORT must be an integer from 1 to 65534 .*, not '65535'"),
+    ("RANK", "zero", "ComfyUI must be rank 0, but RANK is 'zero'"),
+])
+def test_ranks_from_an_environment_with_a_bad_number_get_a_clear_error(monkeypatch, name, value, message):
+    environment = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "2",
+                   "FLUXACCEL_CP_SECRET": "shared secret of this test", "RANK": "0", name: value}
+    for variable, setting in environment.items():
+        monkeypatch.setenv(variable, setting)
+    with pytest.raises(ValueError, match=message):
+        across(tiny_flux_patcher(), ranks="environment (multi-machine)")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("RANK", "one", r"RANK must be an integer of 1 or more \(ComfyUI is rank 0\), not 'one'"),
+    ("RANK", "0", r"RANK must be an integer of 1 or more \(ComfyUI is rank 0\), not '0'"),
+    ("MASTER_PORT", "port", r"MASTER_PORT must be an integer from 1 to 65534 \(MASTER_PORT \+ 1 is rank 0's control "
+                            r"port\), not 'port'"),
+    ("LOCAL_RANK", "gpu0", "LOCAL_RANK must be an integer of 0 or more, not 'gpu0'"),
+    ("FLUXACCEL_CP_SECRET", "", "FLUXACCEL_CP_SECRET is not set"),
+])
+def test_a_worker_started_by_hand_with_a_bad_environment_says_which_variable(name, value, message):
+    environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "1",
+                   "FLUXACCEL_CP_SECRET": "shared secret of this test", name: value}
+    worker = subprocess.run([sys.executable, WORKER_SCRIPT, "--comfyui", COMFYUI_DIR], env=environment,
+                            capture_output=True, text=True, timeout=60)
+    assert worker.returncode == 1
+    assert re.search(f"context_parallel_worker.py: {message}", worker.stderr), worker.stderr

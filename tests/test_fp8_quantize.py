@@ -293,6 +293,46 @@ def test_weights_stored_in_fp8_are_refused():
         quantized(model)
 
 
+def scaled_fp8_tiny_flux():
+    """The tiny FLUX as ComfyUI loads a scaled-FP8 checkpoint (a `scaled_fp8` marker and a `scale_weight` per
+    layer): comfy.sd.load_diffusion_model_state_dict's steps, whose weights become QuantizedTensors."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    from flux_fixtures import TINY_FAMILY
+
+    source = tiny_flux_patcher(dtype=torch.bfloat16).model.diffusion_model.state_dict()
+    state_dict = {"scaled_fp8": torch.empty((), dtype=torch.float8_e4m3fn)}
+    for name, tensor in source.items():
+        if name.startswith(("double_blocks.", "single_blocks.")) and name.endswith(".weight") and tensor.ndim == 2:
+            scale = tensor.abs().amax().float() / torch.finfo(torch.float8_e4m3fn).max
+            state_dict[name] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+            state_dict[name.removesuffix("weight") + "scale_weight"] = scale
+        else:
+            state_dict[name] = tensor
+    state_dict, _ = comfy.utils.convert_old_quants(state_dict, "", metadata={})
+    make_unet_config, supported_model = TINY_FAMILY["flux1"]
+    config = getattr(comfy.supported_models, supported_model)(make_unet_config())
+    config.quant_config = comfy.utils.detect_layer_quantization(state_dict, "")
+    device = comfy.model_management.get_torch_device()
+    unet_dtype = comfy.model_management.unet_dtype(model_params=comfy.utils.calculate_parameters(state_dict),
+                                                   supported_dtypes=list(config.supported_inference_dtypes))
+    config.set_inference_dtype(unet_dtype, comfy.model_management.unet_manual_cast(None, device,
+                                                                                  config.supported_inference_dtypes))
+    model = config.get_model(state_dict, "")
+    model.load_model_weights(state_dict, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def test_a_scaled_fp8_checkpoint_is_refused_as_quantized_by_comfyui():
+    model = scaled_fp8_tiny_flux()
+    assert type(model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight).__name__ == "QuantizedTensor"
+    with pytest.raises(ValueError, match=r"this model is already quantized by ComfyUI \(double_blocks\.0\.\S+\.weight "
+                                         r"holds torch.float8_e4m3fn data in ComfyUI's TensorCoreFP8E4M3Layout, .*"
+                                         r"scaled-FP8 .*Use the model as it is, without this node .*or load the bf16 "
+                                         r"checkpoint with Load Diffusion Model's weight_dtype 'default'"):
+        quantized(model)
+
+
 def test_sensitive_layers_are_flux_input_and_output_layers():
     names = fp8.linear_layer_names(tiny_flux_patcher().model.diffusion_model)
     _, kept = fp8.select_layers(names, flux_layout.FP8_SENSITIVE_LAYERS)
