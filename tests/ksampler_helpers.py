@@ -2,6 +2,7 @@
 import torch
 
 import comfy.ldm.modules.attention
+import comfy.model_patcher
 import comfy.sd
 import nodes
 from cache_reports import parse_cache_report
@@ -74,6 +75,13 @@ def with_block_cache(model, threshold, taylor_order=1, start_percent=0.0, end_pe
                      probe_blocks=1, tail_blocks=0, every_n_steps=0, quality="threshold"):
     return ApplyBlockCache.execute(model, quality, threshold, taylor_order, start_percent, end_percent,
                                    max_consecutive_hits, probe_blocks, tail_blocks, every_n_steps).result[0]
+
+
+def no_room_to_batch(monkeypatch):
+    """As on a GPU short of memory: ComfyUI finds no room to batch conditionings and runs one model call for
+    each. It asks the sampled ModelPatcher for free memory there; loading asks model_management, so the
+    model still loads whole (a large memory_usage_factor made GPUs load it partially)."""
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", lambda self, device: 0)
 
 
 def pytorch_attention(attention_function, *args, **kwargs):

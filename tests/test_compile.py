@@ -22,7 +22,7 @@ from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 from cache_reports import cuda_graphs_report, parse_compile_report
 from flux_fixtures import tiny_flux_patcher
 from ksampler_helpers import (assert_replays_as_launched, cache_summaries, conditioning, gpu_like_flux, ksample,
-                              relative_error, tiny_lora, with_block_cache, with_cache, with_lora)
+                              no_room_to_batch, relative_error, tiny_lora, with_block_cache, with_cache, with_lora)
 
 # fp32 on the CPU: inductor's fused kernels reorder sums, nothing more.
 FP32_ROUNDING = 1e-5
@@ -94,7 +94,8 @@ def test_both_block_graphs_take_their_attention_inputs_from_the_fused_op(monkeyp
     model = gpu_like_flux(hidden_size=80)
     eager = ksample(model)
     assert relative_error(ksample(compiled(model)), eager) < FP32_ROUNDING
-    assert rewrites == [1, 1]
+    # One rewrite in each graph compiled: a double and a single block's, and any recompile of them.
+    assert len(rewrites) >= 2 and set(rewrites) == {1}
 
 
 def test_second_pass_of_a_sweep_compiles_nothing(caplog_info):
@@ -236,7 +237,9 @@ def test_a_second_process_finds_the_compiled_graphs_on_disk(tmp_path, weights):
     cold = compile_in_a_fresh_process(tmp_path, env, weights)
     warm = compile_in_a_fresh_process(tmp_path, env, weights)
     assert cold.get("fxgraph_cache_miss", 0) > 0
-    assert warm.get("fxgraph_cache_miss", 0) == 0 and warm.get("fxgraph_cache_hit", 0) == cold["fxgraph_cache_miss"]
+    # The warm process compiles nothing anew (on GPUs it finds more graphs than the cold one built: those the
+    # cold one found again itself after building them).
+    assert warm.get("fxgraph_cache_miss", 0) == 0 and warm.get("fxgraph_cache_hit", 0) >= cold["fxgraph_cache_miss"]
 
 
 def compile_in_a_fresh_process(cwd, env, variant):
@@ -319,12 +322,12 @@ CACHES = {
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("conds", ["batched", "one call each"])
 @pytest.mark.parametrize("cache", list(CACHES))
-def test_the_caches_replay_their_graph_segments_as_launched_bit_for_bit(fp8, conds, cache, caplog_info):
+def test_the_caches_replay_their_graph_segments_as_launched_bit_for_bit(fp8, conds, cache, caplog_info, monkeypatch):
     """The CPU tests of test_graph_segments.py on CUDA graphs, with the blocks compiled."""
     name, cached = CACHES[cache]
     model = gpu_like_flux(dtype=torch.bfloat16)
     if conds == "one call each":
-        model.model.memory_usage_factor = 1e12  # no room to batch: cond and uncond in a call each
+        no_room_to_batch(monkeypatch)
     model = FP8DynamicQuantize.execute(model, "per-row", "").result[0] if fp8 else model
     _, _, reused = assert_replays_as_launched(cached(launched_one_by_one(model)), cached(compiled(model)), caplog_info,
                                               steps=8, cfg=2.0)

@@ -15,10 +15,15 @@ from fluxaccel.nodes import context_parallel_pool
 from fluxaccel.nodes.compile import CUDA_GRAPHS_KEY, CompileFlux, use_cuda_graphs
 from fluxaccel.nodes.context_parallel import ContextParallel
 from fluxaccel.nodes.first_block_cache import COMPUTE, REUSE
+from conftest import cpu_machine_only
 from graph_stand_in import TapeRecorder
 from ksampler_helpers import (assert_replays_as_launched, cache_summaries, conditioning, gpu_like_flux, ksample,
-                              tiny_lora, with_block_cache, with_cache, with_lora)
+                              no_room_to_batch, tiny_lora, with_block_cache, with_cache, with_lora)
 from test_compile import cuda_graph_reports, launched_one_by_one as launched, recording_blocks
+
+# Where ComfyUI runs on a GPU the tiny models sample there, where the stand-in records nothing (it records
+# CPU tensors): test_compile.py and test_context_parallel.py replay real CUDA graphs there instead.
+pytestmark = cpu_machine_only
 
 REUSING_THRESHOLD = 0.8
 
@@ -56,13 +61,13 @@ def test_segments_replay_the_launched_cached_run_bit_for_bit(caplog_info):
 
 @pytest.mark.parametrize("conds, calls", [("batched", 8), ("one call each", 16), ("text lengths differ", 16),
                                           ("two prompts, one call each", 24)])
-def test_each_conditioning_keeps_its_own_residuals(conds, calls, caplog_info):
+def test_each_conditioning_keeps_its_own_residuals(conds, calls, caplog_info, monkeypatch):
     model = gpu_like_flux()
     if "one call each" in conds:
         # As on a GPU short of memory: ComfyUI finds no room to batch conditionings and runs one call for
         # each. Two prompts combined (Conditioning Combine) are two calls of equal shapes, both positive:
         # they must not share the residuals their captured forward keeps.
-        model.model.memory_usage_factor = 1e12
+        no_room_to_batch(monkeypatch)
     positive, negative = split_conds() if conds == "text lengths differ" else (conditioning(seed=1), conditioning(seed=2))
     if conds.startswith("two prompts"):
         positive = positive + conditioning(seed=3)
@@ -86,12 +91,12 @@ def test_cache_window_and_hit_limit_keep_their_meaning(window, caplog_info):
     (1, 1, 0, 0), (2, 2, 1, 0), (2, 1, 3, 0), (1, 3, 1, 0), (2, 1, 0, 2)])
 @pytest.mark.parametrize("conds", ["batched", "one call each"])
 def test_block_cache_replays_the_launched_run_bit_for_bit(order, probe_blocks, tail_blocks, every_n_steps, conds,
-                                                          caplog_info):
+                                                          caplog_info, monkeypatch):
     """Taylor predictions (their coefficients filled in by the host between graphs), probe blocks ending in
     a double or a single block, tails starting in either, and the fixed schedule."""
     model = gpu_like_flux()
     if conds == "one call each":
-        model.model.memory_usage_factor = 1e12
+        no_room_to_batch(monkeypatch)
 
     def cached(stack):
         return with_block_cache(stack, 0.5, order, probe_blocks=probe_blocks, tail_blocks=tail_blocks,
