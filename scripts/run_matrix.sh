@@ -9,7 +9,8 @@ pack_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 versions=("$@")
 (( ${#versions[@]} )) || versions=(0.24.0 0.27.0)
 
-# Every node through ComfyUI's real ModelPatcher and KSampler, on every model of the FLUX family, and
+# Every node through ComfyUI's real ModelPatcher and KSampler, on every model of the FLUX family, the
+# canary of each ComfyUI detail the pack relies on (test_comfy_contract.py: no node disabled there), and
 # the server with the real loaders: what meets the ComfyUI details that change between releases
 # (model_patcher, model_base, supported_models, ops, quant_ops, samplers, comfy_api, the server).
 # Left to the default host, to keep each release near ten minutes on CI's two cores: what compiles
@@ -26,6 +27,7 @@ matrix_tests=(
     --deselect tests/test_compile.py::test_compiles_after_another_torch_compile_in_the_process
     --deselect tests/test_compile.py::test_second_pass_of_a_sweep_compiles_nothing
     tests/test_attention.py
+    tests/test_comfy_contract.py
     tests/test_flux_family.py
     --deselect tests/test_flux_family.py::test_compile_flux
     "tests/test_context_parallel.py::test_ulysses_gives_the_single_process_output[40-7-2]"
