@@ -271,7 +271,8 @@ def attributes_lack(holder, *names) -> Optional[str]:
 
 
 def check_block_protocol():
-    for model_class in (flux_class(), chroma_class()):
+    # Chroma where this ComfyUI has it (the nodes then take it); FLUX always (flux_class raises without it).
+    for model_class in (flux_class(), *model_classes(chroma_class)):
         problem = (source_lacks(model_class.forward_orig, 'patches_replace.get("dit"', '("double_block", i)',
                                 '("single_block", i)', '"original_block"', 'transformer_options["block_index"]')
                    or source_lacks(model_class.__init__, "self.double_blocks = ", "self.single_blocks = "))
@@ -282,7 +283,8 @@ def check_block_protocol():
 
 def check_forward_parameters():
     return (parameters_lack(flux_class().forward, "x", "timestep", "context", "ref_latents", "transformer_options")
-            or parameters_lack(chroma_class().forward, "x", "timestep", "context", "transformer_options"))
+            or next(filter(None, (parameters_lack(chroma.forward, "x", "timestep", "context", "transformer_options")
+                                  for chroma in model_classes(chroma_class))), None))
 
 
 def check_post_input_patch():

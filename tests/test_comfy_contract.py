@@ -155,3 +155,14 @@ def test_a_missing_optimisation_is_said_once_and_the_nodes_run(monkeypatch, capl
     positive = conditioning(seed=1)
     assert torch.isfinite(ksample(CompileFlux.execute(tiny_flux_patcher(), "default", "automatic").result[0],
                                   positive, steps=1)).all()
+
+
+def test_a_comfyui_without_chroma_disables_nothing(monkeypatch):
+    """Chroma is one model more where ComfyUI has it: without it the nodes take the FLUX models alone."""
+    def no_chroma():
+        raise ImportError("No module named 'comfy.ldm.chroma'")
+
+    monkeypatch.setattr(comfy_contract, "chroma_class", no_chroma)
+    assert comfy_contract.problems() == {}
+    assert comfy_contract.model_classes(comfy_contract.flux_class, comfy_contract.chroma_class) == (
+        comfy_contract.flux_class(),)
