@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import fp8_graph_fusion, inductor_heuristics, qk_norm_rope_fusion
+from .environment import environment_while
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # torch.compile's `dynamic`: None marks a dimension dynamic once it is seen to change (one
@@ -128,14 +129,9 @@ def inductor_cache_folder(folder):
     from torch._inductor.utils import clear_caches
 
     os.makedirs(folder, exist_ok=True)
-    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
-    clear_caches()
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+    with environment_while({"TORCHINDUCTOR_CACHE_DIR": folder}):
         clear_caches()
+        try:
+            yield
+        finally:
+            clear_caches()

@@ -14,7 +14,6 @@ Workers connect to rank 0's control listener (an authenticated connection: what 
 their failures); tensors go over the process group (over the connections on CPUs).
 """
 import atexit
-import contextlib
 import json
 import logging
 import os
@@ -38,9 +37,11 @@ import torch.distributed as dist
 
 from ..kernels.context_parallel import ParallelDegrees, RankGroups, make_rank_groups
 from ..kernels.cuda_graphs import CudaGraphRecorder, ReplayedCalls
+from ..kernels.environment import environment_while
 from ..kernels.tensor_transport import pack, send_tensors
 from . import comfy_contract
 from .context_parallel_ranks import DropReplica, Stop
+from .context_parallel_worker import MASTER_PORT_BOUND, MAX_MASTER_PORT, SECRET_VARIABLE, integer_problem
 
 WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "context_parallel_worker.py")
 PACK_NAME = __name__.split(".")[0]
@@ -50,7 +51,6 @@ STARTUP_SECONDS = 180
 # rank that died breaks the connections at once and does not wait for this.
 COLLECTIVE_TIMEOUT = timedelta(minutes=15)
 FAILURE_REPORT_SECONDS = 3.0
-SECRET_VARIABLE = "FLUXACCEL_CP_SECRET"
 WATCH_SECONDS = 0.5
 # Where gloo and NCCL open their sockets; set to loopback for ranks of this machine.
 SOCKET_INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -77,29 +77,16 @@ def environment_rendezvous_problem(world_size) -> Optional[str]:
     if missing:
         return (f"ranks from the environment need {', '.join(missing)} set in ComfyUI's environment "
                 "(and on the workers' machines).")
-    for name, low, high in (("WORLD_SIZE", 1, None), ("MASTER_PORT", 1, 65534)):
-        problem = integer_variable_problem(name, low, high)
+    for name, low, high, why in (("WORLD_SIZE", 1, None, ""),
+                                 ("MASTER_PORT", 1, MAX_MASTER_PORT, MASTER_PORT_BOUND)):
+        problem = integer_problem(name, os.environ[name], low, high, why)
         if problem is not None:
-            return problem
+            return f"{problem}; set it so in ComfyUI's environment."
     if int(os.environ["WORLD_SIZE"]) != world_size:
         return f"WORLD_SIZE is {os.environ['WORLD_SIZE']}, but the node asks for {world_size} GPUs."
     if os.environ.get("RANK", "0") != "0":
         return f"ComfyUI must be rank 0, but RANK is '{os.environ['RANK']}'."
     return None
-
-
-def integer_variable_problem(name, low, high=None) -> Optional[str]:
-    """What is wrong with environment variable `name` as an integer from `low` to `high` (None when nothing)."""
-    value = os.environ[name]
-    try:
-        number = int(value)
-    except ValueError:
-        number = None
-    if number is not None and number >= low and (high is None or number <= high):
-        return None
-    bounds = f"from {low} to {high}" if high is not None else f"of {low} or more"
-    why = " (MASTER_PORT + 1 is rank 0's control port)" if name == "MASTER_PORT" else ""
-    return f"{name} must be an integer {bounds}{why}, not '{value}'; set it so in ComfyUI's environment."
 
 
 def rendezvous_port(port: int) -> int:
@@ -374,21 +361,6 @@ class RankPool:
         if self.store_dir is not None:
             shutil.rmtree(self.store_dir, ignore_errors=True)
         self.processes, self.connections, self.groups, self.replica_key = [], [], None, None
-
-
-@contextlib.contextmanager
-def environment_while(variables: dict):
-    """The process's environment with `variables` set for the block, as it was after it."""
-    before = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def comfyui_dir():

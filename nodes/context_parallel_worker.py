@@ -23,10 +23,14 @@ import os
 import sys
 import time
 from multiprocessing.connection import Client
+from typing import Optional
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET_VARIABLE = "FLUXACCEL_CP_SECRET"
 CONNECT_RETRY_SECONDS = 1.0
+# MASTER_PORT + 1 is rank 0's control port, which must be a port too.
+MAX_MASTER_PORT = 65534
+MASTER_PORT_BOUND = " (MASTER_PORT + 1 is rank 0's control port)"
 
 
 def import_pack(name):
@@ -57,17 +61,26 @@ def environment_text(name) -> str:
     return value
 
 
-def environment_integer(name, low, high=None, why="") -> int:
-    """An integer variable from `low` to `high`, or an exit naming the variable and its value."""
-    value = environment_text(name)
+def integer_problem(name, value, low, high=None, why="") -> Optional[str]:
+    """What is wrong with `value` of environment variable `name` as an integer from `low` to `high`
+    (None when nothing); `why` says what the bounds are for. Rank 0's checks use it too."""
     try:
         number = int(value)
     except ValueError:
         number = None
-    if number is None or number < low or (high is not None and number > high):
-        bounds = f"from {low} to {high}" if high is not None else f"of {low} or more"
-        sys.exit(f"context_parallel_worker.py: {name} must be an integer {bounds}{why}, not '{value}'.")
-    return number
+    if number is not None and number >= low and (high is None or number <= high):
+        return None
+    bounds = f"from {low} to {high}" if high is not None else f"of {low} or more"
+    return f"{name} must be an integer {bounds}{why}, not '{value}'"
+
+
+def environment_integer(name, low, high=None, why="") -> int:
+    """An integer variable from `low` to `high`, or an exit naming the variable and its value."""
+    value = environment_text(name)
+    problem = integer_problem(name, value, low, high, why)
+    if problem is not None:
+        sys.exit(f"context_parallel_worker.py: {problem}.")
+    return int(value)
 
 
 def parse_args():
@@ -86,8 +99,8 @@ def main():
         comfyui_dir, rank, address, wait = local["comfyui_dir"], local["rank"], tuple(local["control"]), 60.0
     else:
         comfyui_dir, rank = args.comfyui, environment_integer("RANK", 1, why=" (ComfyUI is rank 0)")
-        address, wait = (environment_text("MASTER_ADDR"), environment_integer("MASTER_PORT", 1, 65534,
-                                                                           " (MASTER_PORT + 1 is rank 0's control port)") + 1), args.wait
+        control_port = environment_integer("MASTER_PORT", 1, MAX_MASTER_PORT, MASTER_PORT_BOUND) + 1
+        address, wait = (environment_text("MASTER_ADDR"), control_port), args.wait
         environment_text(SECRET_VARIABLE)
         if "LOCAL_RANK" in os.environ:
             environment_integer("LOCAL_RANK", 0)  # the GPU worker_main picks
