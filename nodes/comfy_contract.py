@@ -63,12 +63,18 @@ def model_classes(*getters) -> tuple:
     return tuple(classes)
 
 
-def forward_parameters(diffusion_model) -> list:
+def forward_parameters(diffusion_model) -> tuple:
     """The model's forward parameters that ComfyUI passes by position, in order: FLUX's are
     (x, timestep, context, y, guidance, ref_latents, control, transformer_options), Chroma's
     (x, timestep, context, guidance, control, transformer_options)."""
-    parameters = inspect.signature(diffusion_model.forward).parameters.values()
-    return [parameter for parameter in parameters if parameter.kind is parameter.POSITIONAL_OR_KEYWORD]
+    return class_forward_parameters(type(diffusion_model))
+
+
+@functools.lru_cache(maxsize=None)
+def class_forward_parameters(model_class) -> tuple:
+    # Read once per class: the wrappers ask at every model call, on the replayed path's host time.
+    parameters = list(inspect.signature(model_class.forward).parameters.values())[1:]  # self
+    return tuple(parameter for parameter in parameters if parameter.kind is parameter.POSITIONAL_OR_KEYWORD)
 
 
 def forward_inputs(diffusion_model, args, kwargs) -> tuple[dict, dict]:
