@@ -12,7 +12,7 @@ CAPABILITY_MODULES = {
     "first_block_cache": "FirstBlockCacheExtension",
     "compile": "CompileExtension",
     "fp8_quantize": "FP8QuantizeExtension",
-    "context_parallel": "ContextParallelExtension",
+    "context_parallel.node": "ContextParallelExtension",
     "attention": "AttentionExtension",
 }
 

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from ..kernels.attention import BACKEND_ORDERS, auto_backend, heads_first_attention
+from ..kernels.attention.backends import BACKEND_ORDERS, auto_backend, heads_first_attention
 from . import CATEGORY, comfy_contract, flux_layout
 from .patcher_hooks import keep_conds_on_device
 

@@ -13,7 +13,7 @@ Hook-up, through ComfyUI's own extension points:
   FP8 blocks on an H100 no longer hide. An inductor decomposition gives the compiler the same math
   in plain torch ops to fuse with the q/k ops around it (registered for the process: torch cannot
   cache a compile given its own); where the q/k norms and the RoPE have FLUX's own form, the backend
-  first hands them, with v, to one Triton kernel (`kernels.qk_norm_rope_fusion`).
+  first hands them, with v, to one Triton kernel (`kernels.qk_norm_rope_graph_pass`).
 - the rest of what the pack's compiles need is theirs alone: Dynamo's recompile limit is raised while
   the compiled model samples, and inductor's caches move to ComfyUI's user folder for the pack's
   compiles; core's TorchCompileModel on another model compiles as it would without the pack.
@@ -21,7 +21,7 @@ Hook-up, through ComfyUI's own extension points:
   weights inside the block calls: that cuts every compiled block at each linear layer, and Dynamo's
   size-generic recompile at a second resolution failed on it (a shape error in the streamed linear).
 - with `cuda_graphs` on, a DIFFUSION_MODEL wrapper replays each model call from CUDA graphs
-  (`kernels.cuda_graphs`), captured at the second call of each input shape and weight set. Host code
+  (`kernels.compile.cuda_graphs`), captured at the second call of each input shape and weight set. Host code
   in the forward runs only at capture, so it must decide nothing per call, or decide where it splits
   the capture: First Block Cache's blocks do (one graph up to the first block's distance, one of the
   two alternatives after it, one for the rest). Context Parallel replays each rank's share itself.
@@ -42,12 +42,15 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-from ..kernels.cuda_graphs import CallCounts, CudaGraphRecorder, ReplayedCalls, call_signature, weights_signature
-from ..kernels.fp8_graph_fusion import GELU_SITES, LAYER_NORM_SITES
-from ..kernels.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, QK_NORM_ROPE_SITES, CompileCounter,
-                                        CountingInductorBackend, compile_cache_folder_for, graph_break_count,
-                                        raised_recompile_limit, shared_inductor_backend)
-from ..kernels.rope import interleaved_rope
+from ..kernels.attention import qk_norm_rope_graph_pass
+from ..kernels.attention.qk_norm_rope_graph_pass import QK_NORM_ROPE_SITES
+from ..kernels.attention.rope import interleaved_rope
+from ..kernels.compile.cuda_graphs import CallCounts, CudaGraphRecorder, ReplayedCalls, call_signature, weights_signature
+from ..kernels.compile.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, CompileCounter, CountingInductorBackend,
+                                                GraphPasses, compile_cache_folder_for, graph_break_count,
+                                                raised_recompile_limit, shared_inductor_backend)
+from ..kernels.fp8 import graph_pass as fp8_graph_pass
+from ..kernels.fp8.graph_pass import GELU_SITES, LAYER_NORM_SITES
 from . import CATEGORY, comfy_contract, flux_layout
 from .patcher_hooks import keep_conds_on_device, non_dynamic_clone, set_callback, set_wrapper
 from .reporting import report_run, report_to_sampler_node
@@ -61,6 +64,9 @@ PER_CALL_OPTIONS = ("uuids", "sigmas", "sample_sigmas")
 # The graph passes' sites, in the order the run's line names them: q/k norm + RoPE in every block's
 # attention inputs; with FP8 activations, the MLPs' GELU and the blocks' input layer norms in the FP8 rows.
 GRAPH_PASS_SITES = (QK_NORM_ROPE_SITES, GELU_SITES, LAYER_NORM_SITES)
+# What the backend runs on FLUX's block graphs: the q/k rewrite on Dynamo's graph, the FP8 rows' on inductor's.
+FLUX_GRAPH_PASSES = GraphPasses(before_inductor=((QK_NORM_ROPE_SITES, qk_norm_rope_graph_pass.fuse_qk_norm_rope),),
+                                inductor_options=(fp8_graph_pass.inductor_options,))
 # The parts of a model call that decide whether a CUDA graph captured earlier can replay it.
 CALL_PARTS = ("input shapes", "transformer options", "weights")
 
@@ -76,10 +82,10 @@ def block_keys(double_blocks, single_blocks):
 
 
 def compile_backend(mode, dynamic_shapes, cache_folder=None):
-    """The process's backend for these settings (kernels.regional_compile.shared_inductor_backend), its
+    """The process's backend for these settings (kernels.compile.regional_compile.shared_inductor_backend), its
     graphs cached by inductor in `cache_folder` (None: inductor's own), comfy_kitchen's RoPE ops decomposed."""
     fuse_comfy_kitchen_rope()
-    backend = shared_inductor_backend(mode, dynamic_shapes)
+    backend = shared_inductor_backend(mode, dynamic_shapes, FLUX_GRAPH_PASSES)
     backend.cache_folder = cache_folder
     return backend
 
@@ -206,7 +212,7 @@ class ReplayedForward:
         return self.graphs(signature, forward, values, {}, transformer_options, self.counts)
 
     def signature(self, diffusion_model, inputs, kwargs, transformer_options):
-        """The call's signature (see kernels.cuda_graphs.call_signature) from the forward's inputs
+        """The call's signature (see kernels.compile.cuda_graphs.call_signature) from the forward's inputs
         (x first) and the transformer options; None where the call cannot be replayed, the reason kept
         for the run's report."""
         reason = replay_blocker(self.recorder, diffusion_model, inputs[0], transformer_options)
@@ -308,12 +314,12 @@ class CompileFlux(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip=flux_layout.MODEL_INPUT_TOOLTIP),
                 io.Combo.Input(
-                    "mode", options=list(COMPILE_MODES), default="default",
+                    "mode", options=list(COMPILE_MODES), default="default", advanced=True,
                     tooltip=("default: fast compile. max-autotune-no-cudagraphs: benchmarks kernel choices while "
                              "compiling: a first run of many minutes (over six for FLUX.1-dev on an H200), sometimes "
                              "a little faster after.")),
                 io.Combo.Input(
-                    "dynamic_shapes", options=list(DYNAMIC_SHAPES), default="automatic",
+                    "dynamic_shapes", options=list(DYNAMIC_SHAPES), default="automatic", advanced=True,
                     tooltip=("automatic: the first size compiles fixed-shape graphs, a second size recompiles them "
                              "once as size-generic graphs that serve every later resolution, batch and prompt length. "
                              "dynamic: size-generic from the first run. static: one graph set per size (a recompile "

@@ -16,7 +16,7 @@ Hook-up, all through ComfyUI's extension points:
 - a CALC_COND_BATCH wrapper marks each model evaluation, so cond and uncond share one decision.
 Under Compile FLUX's CUDA graphs the last probe block splits each captured forward where it decides:
 the graphs up to its distance, then either the skipped blocks' or the prediction's, then the tail and
-the rest (kernels/cuda_graphs.py); the stored residuals live in tensors kept outside the graphs.
+the rest (kernels/compile/cuda_graphs.py); the stored residuals live in tensors kept outside the graphs.
 """
 import dataclasses
 import itertools
@@ -30,7 +30,7 @@ from typing_extensions import override
 import comfy.patcher_extension
 from comfy_api.latest import ComfyExtension, io
 
-from ..kernels.cuda_graphs import Recording, host_decision
+from ..kernels.compile.cuda_graphs import Recording, host_decision
 from ..kernels.residual_cache import (CALIBRATION_HALVINGS, CachePolicy, PredictionState, ResidualCache,
                                       calibrated_threshold, distance_sums, latent_psnr, taylor_differences,
                                       taylor_prediction)
@@ -457,13 +457,15 @@ def window_inputs():
     return [
         io.Float.Input(
             "start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-            tooltip="Share of the sampling schedule after which skipping is allowed; the layout forms early, so a later start keeps composition."),
+            tooltip=("Share of the sampling schedule after which skipping is allowed; the layout forms early, so a "
+                     "later start keeps composition.")),
         io.Float.Input(
             "end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
             tooltip="Share of the schedule after which skipping stops; lower keeps the final detail steps fully computed."),
         io.Int.Input(
             "max_consecutive_hits", default=0, min=0, max=1000,
-            tooltip="Most steps in a row that may reuse the cache before one is computed again (0 = no limit). Lower bounds drift at some cost in speed."),
+            tooltip=("Most steps in a row that may reuse the cache before one is computed again (0 = no limit). "
+                     "Lower bounds drift at some cost in speed.")),
     ]
 
 

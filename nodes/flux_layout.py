@@ -50,8 +50,8 @@ FP8_SENSITIVE_LAYERS = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in
 SHARDED_FORWARD_KEY = "fluxaccel.context_parallel.forward"
 
 # The transformer_options entry through which a model call that is being captured in CUDA graphs, or
-# watched before its capture, hands its hooks the capture's `kernels.cuda_graphs.Recording` (or the
-# watch): host code that decides per call splits the recording there (see kernels/cuda_graphs.py).
+# watched before its capture, hands its hooks the capture's `kernels.compile.cuda_graphs.Recording` (or the
+# watch): host code that decides per call splits the recording there (see kernels/compile/cuda_graphs.py).
 GRAPH_PASS_KEY = "fluxaccel.graph_pass"
 
 

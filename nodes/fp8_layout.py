@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from ..kernels import fp8
+from ..kernels.fp8 import quantize as fp8
 from .comfy_contract import quantized_data, quantized_layout_name, quantized_params, quantized_tensor_api
 
 (QuantizedLayout, QuantizedTensor, register_layout_class, register_layout_op, BaseLayoutParams,

@@ -23,7 +23,7 @@ from typing_extensions import override
 import comfy.patcher_extension
 from comfy_api.latest import ComfyExtension, io
 
-from ..kernels import fp8
+from ..kernels.fp8 import quantize as fp8
 from . import CATEGORY, comfy_contract, flux_layout
 from .fp8_layout import is_fp8_weight, quantize_weight
 from .patcher_hooks import keep_conds_on_device, non_dynamic_clone, set_callback
@@ -186,7 +186,7 @@ class FP8DynamicQuantize(io.ComfyNode):
                     tooltip=("per-row: one scale per token, the more accurate. per-tensor: one scale per call, "
                              "slightly less accurate.")),
                 io.String.Input(
-                    "exclude", default="", multiline=False,
+                    "exclude", default="", multiline=False, advanced=True,
                     tooltip=("More layers to keep in the model's dtype: comma-separated names or patterns under the "
                              "diffusion model, e.g. 'single_blocks.37, *.img_mod.lin'. A name covers the layers "
                              "under it.")),

@@ -1,8 +1,8 @@
 # Device-only set-up for running real ComfyUI + this pack on the lent GPU machine (no internet).
 # Build what it reads here first, with `bash scripts/make_device_carry.sh` (it fills lab/), then source
 # it from the repository root, with lab/ComfyUI.tgz, lab/whl, lab/whl-opt and lab/stubs named in the run's `carry`:
-#     source scripts/device_bootstrap.sh && python3 scripts/bench_flux.py ...
-# (diffusers, in lab/whl-anchor, is for the seed anchor alone: see scripts/bench_seed_anchor.py.)
+#     source scripts/device_bootstrap.sh && python3 -m bench.flux ...
+# (diffusers, in lab/whl-anchor, is for the seed anchor alone: see bench/seed_anchor.py.)
 # It: installs lab/whl/*.whl (only packages the device image lacks) into /tmp/site; puts /tmp/site and
 # the PyAV stand-in lab/stubs on PYTHONPATH; unpacks lab/ComfyUI.tgz to /tmp/ComfyUI; links this checkout
 # as /tmp/ComfyUI/custom_nodes/comfyui-fluxaccel; exports COMFYUI_DIR=/tmp/ComfyUI.

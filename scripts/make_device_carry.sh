@@ -8,7 +8,7 @@
 #   ComfyUI.tgz   ComfyUI 0.30.0 source, slimmed (see comfyui_file_list for what is left out and why)
 #   whl/          Python 3.12 x86-64 wheels of the packages the device image lacks
 #   whl-opt/      typing_extensions, installed on the device only where its own is too old
-#   whl-anchor/   diffusers, for scripts/bench_seed_anchor.py alone: carry lab/whl-anchor only in the
+#   whl-anchor/   diffusers, for bench/seed_anchor.py alone: carry lab/whl-anchor only in the
 #                 call that runs it (with the repository, the whole of lab/ is over a call's 64 MiB)
 #   stubs/av      the PyAV stand-in (benchmarks only; never part of the pack's runtime or CI)
 # A relative TARGET is taken from the current directory. Run it here, where PyPI can be reached;
@@ -180,7 +180,7 @@ comfyui_file_list() {
     # Left out: what ComfyUI makes at run time or holds per user (input, output, temp, user, the
     # database, bytecode), this host's own additions (custom_nodes' contents, among them the link to
     # this checkout; in models/, everything but upstream's put_*_here placeholders and configs/, such
-    # as the weights scripts/flux_fixtures.py makes), and what a headless benchmark never loads: the
+    # as the weights tests/support/flux_fixtures.py makes), and what a headless benchmark never loads: the
     # tokenizer data of the large text encoders (the bulk of the size; CLIP-L's, 1.6 MB, stays for the
     # test workflows' text encoder), blueprints, the API nodes, the tests, CI and git
     # metadata. Kept: an empty custom_nodes/ and every models/ folder, which folder_paths expects.

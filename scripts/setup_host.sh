@@ -123,8 +123,10 @@ fi
 install_requirements
 ensure_chromium
 link_pack
-"$HOST_PYTHON" "$pack_dir/scripts/flux_fixtures.py" "$COMFYUI_DIR"
+# Modules of the repository (the tests' support package, the benchmarks' demo) run from its root.
+cd "$pack_dir"
+"$HOST_PYTHON" -m tests.support.flux_fixtures "$COMFYUI_DIR"
 if (( run_demo )); then
-    "$HOST_PYTHON" "$pack_dir/scripts/demo.py"
+    "$HOST_PYTHON" -m bench.demo
 fi
 log "host ready: ComfyUI at $COMFYUI_DIR, python $HOST_PYTHON"

@@ -5,16 +5,14 @@ the `custom_nodes/` link under its folder name); ComfyUI comes from COMFYUI_DIR.
 """
 import logging
 import os
-import sys
 
 import pytest
 import torch
 
-PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR", os.path.join(PACK_DIR, ".host", "ComfyUI"))
-sys.path.insert(0, os.path.join(PACK_DIR, "scripts"))
+from tests.support import flux_fixtures
+from tests.support.flux_fixtures import PACK_DIR
 
-import flux_fixtures  # noqa: E402
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR", os.path.join(PACK_DIR, ".host", "ComfyUI"))
 
 if not os.path.isfile(os.path.join(COMFYUI_DIR, "main.py")):
     raise pytest.UsageError(f"no ComfyUI at {COMFYUI_DIR}: run `bash scripts/setup_host.sh` first")
@@ -42,7 +40,7 @@ def caplog_info(caplog):
 @pytest.fixture(scope="session")
 def comfy_server():
     """The real ComfyUI server of the host, with this pack linked into custom_nodes/."""
-    from comfy_server import ComfyServer
+    from tests.support.comfy_server import ComfyServer
 
     with ComfyServer(COMFYUI_DIR) as server:
         yield server

@@ -8,11 +8,11 @@ import torch
 
 import comfy.ldm.modules.attention
 from conftest import cpu_machine_only
-from flux_fixtures import tiny_flux_patcher
-from fluxaccel.kernels.attention import BACKEND_ORDERS, auto_backend
+from tests.support.flux_fixtures import tiny_flux_patcher
+from fluxaccel.kernels.attention.backends import BACKEND_ORDERS, auto_backend
 from fluxaccel.nodes.attention import OVERRIDE_KEY, AttentionOnBackend, FluxAttentionBackend, attention_backend
 from fluxaccel.nodes.compile import CompileFlux
-from ksampler_helpers import gpu_like_flux, ksample, relative_error
+from tests.support.ksampler_helpers import gpu_like_flux, ksample, relative_error
 
 FP32_ROUNDING = 1e-5
 
@@ -94,5 +94,6 @@ def test_applied_twice_the_last_choice_holds_and_the_input_model_is_untouched():
 def test_non_flux_model_gets_a_clear_error():
     model = tiny_flux_patcher()
     model.add_object_patch("diffusion_model", torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="FLUX Attention Backend supports FLUX.1 .dev, schnell, Kontext., FLUX.2 .*diffusion model is Linear"):
+    with pytest.raises(ValueError,
+                       match="FLUX Attention Backend supports FLUX.1 .dev, schnell, Kontext., FLUX.2 .*diffusion model is Linear"):
         with_backend(model)

@@ -3,9 +3,9 @@ ModelPatcher and KSampler on tiny FLUX models (2 double + 3 single blocks unless
 import pytest
 import torch
 
-from flux_fixtures import tiny_flux_patcher
+from tests.support.flux_fixtures import tiny_flux_patcher
 from fluxaccel.nodes.first_block_cache import ApplyBlockCache
-from ksampler_helpers import (cache_summaries, conditioning, ksample, relative_error, with_block_cache,
+from tests.support.ksampler_helpers import (cache_summaries, conditioning, ksample, relative_error, with_block_cache,
                               with_cache)
 
 REUSING_THRESHOLD = 0.8

@@ -11,10 +11,9 @@ import comfy.patcher_extension
 import comfy.samplers
 from fluxaccel.nodes import comfy_contract
 from fluxaccel.nodes.compile import CompileFlux
-from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
-from flux_fixtures import tiny_flux_patcher
-from ksampler_helpers import conditioning, ksample, with_block_cache, with_cache
+from tests.support.flux_fixtures import tiny_flux_patcher
+from tests.support.ksampler_helpers import conditioning, ksample, with_block_cache, with_cache
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +30,8 @@ def test_touchpoint_holds(touchpoint):
 
 
 def test_the_touchpoints_name_the_packs_real_nodes():
-    from fluxaccel.nodes import attention, compile, context_parallel, first_block_cache, fp8_quantize
+    from fluxaccel.nodes import attention, compile, first_block_cache, fp8_quantize
+    from fluxaccel.nodes.context_parallel import node as context_parallel
 
     names = {attention.NODE_NAME, compile.NODE_NAME, context_parallel.NODE_NAME, first_block_cache.NODE_NAME,
              first_block_cache.BLOCK_CACHE_NODE_NAME, fp8_quantize.NODE_NAME}

@@ -15,13 +15,13 @@ import comfy.quant_ops
 
 import folder_paths
 from conftest import COMFYUI_DIR, PACK_DIR, cpu_machine_only, needs_cuda
-from fluxaccel.kernels import qk_norm_rope_fusion
-from fluxaccel.kernels.regional_compile import RECOMPILE_LIMIT, compile_cache_folder_for
+from fluxaccel.kernels.attention import qk_norm_rope_graph_pass
+from fluxaccel.kernels.compile.regional_compile import RECOMPILE_LIMIT, compile_cache_folder_for
 from fluxaccel.nodes.compile import BACKEND_KEY, CUDA_GRAPHS_KEY, CompileFlux, compile_cache_folder
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
-from cache_reports import cuda_graphs_report, parse_compile_report
-from flux_fixtures import tiny_flux_patcher
-from ksampler_helpers import (assert_replays_as_launched, cache_summaries, conditioning, gpu_like_flux, ksample,
+from tests.support.cache_reports import cuda_graphs_report, parse_compile_report
+from tests.support.flux_fixtures import tiny_flux_patcher
+from tests.support.ksampler_helpers import (assert_replays_as_launched, cache_summaries, conditioning, gpu_like_flux, ksample,
                               no_room_to_batch, relative_error, tiny_lora, with_block_cache, with_cache, with_lora)
 
 # fp32 on the CPU: inductor's fused kernels reorder sums, nothing more.
@@ -84,13 +84,13 @@ def test_compiled_blocks_match_eager_block_by_block(caplog_info):
 def test_both_block_graphs_take_their_attention_inputs_from_the_fused_op(monkeypatch):
     """ComfyUI's FLUX blocks build q, k and v in the form the rewrite knows: a ComfyUI release that changes
     them shows here, not as a silent slowdown. (A width no other test compiles: graphs compile anew.)"""
-    rewrites, fuse = [], qk_norm_rope_fusion.fuse_qk_norm_rope
+    rewrites, fuse = [], qk_norm_rope_graph_pass.fuse_qk_norm_rope
 
     def counted_fuse(graph):
         rewrites.append(fuse(graph))
         return rewrites[-1]
 
-    monkeypatch.setattr(qk_norm_rope_fusion, "fuse_qk_norm_rope", counted_fuse)
+    monkeypatch.setattr(qk_norm_rope_graph_pass, "fuse_qk_norm_rope", counted_fuse)
     model = gpu_like_flux(hidden_size=80)
     eager = ksample(model)
     assert relative_error(ksample(compiled(model)), eager) < FP32_ROUNDING
@@ -208,14 +208,12 @@ def test_core_torch_compile_on_another_model_gives_what_it_gives_without_the_pac
 
 COMPILE_IN_A_FRESH_PROCESS = """
 import json, sys
-sys.path.insert(0, sys.argv[1] + "/scripts")
-sys.path.insert(0, sys.argv[1] + "/tests")
-import flux_fixtures
+from tests.support import flux_fixtures
 flux_fixtures.use_comfyui(sys.argv[2])
 flux_fixtures.import_pack(sys.argv[1])
 import torch
 from test_compile import compiled
-from ksampler_helpers import gpu_like_flux, ksample
+from tests.support.ksampler_helpers import gpu_like_flux, ksample
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 model = gpu_like_flux()
 if sys.argv[3] == "fp8":
@@ -244,6 +242,9 @@ def test_a_second_process_finds_the_compiled_graphs_on_disk(tmp_path, weights):
 
 def compile_in_a_fresh_process(cwd, env, variant):
     """Inductor's counters after a 2-step sample with Compile FLUX in a new Python process."""
+    # The process imports the tests' support package from the repository and this module from tests/.
+    search_path = [PACK_DIR, os.path.join(PACK_DIR, "tests"), *filter(None, [env.get("PYTHONPATH")])]
+    env = {**env, "PYTHONPATH": os.pathsep.join(search_path)}
     result = subprocess.run([sys.executable, "-c", COMPILE_IN_A_FRESH_PROCESS, PACK_DIR, COMFYUI_DIR, variant],
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,12 +10,12 @@ import torch
 import comfy.conds
 import comfy.patcher_extension
 import comfy.samplers
-from flux_fixtures import tiny_flux_patcher
+from tests.support.flux_fixtures import tiny_flux_patcher
 from fluxaccel.nodes import patcher_hooks
 from fluxaccel.nodes.attention import FluxAttentionBackend
 from fluxaccel.nodes.compile import CompileFlux
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
-from ksampler_helpers import ksample, with_cache
+from tests.support.ksampler_helpers import ksample, with_cache
 
 # A device no tensor of the test starts on; moving to it keeps shapes and dtypes and allocates nothing.
 OTHER_DEVICE = torch.device("meta")

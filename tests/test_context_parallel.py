@@ -19,14 +19,14 @@ import psutil
 import pytest
 import torch
 
-from flux_fixtures import tiny_flux_patcher
-from fluxaccel.nodes import context_parallel_pool
+from tests.support.flux_fixtures import tiny_flux_patcher
+from fluxaccel.nodes.context_parallel import pool as context_parallel_pool
 from fluxaccel.nodes.attention import FluxAttentionBackend
 from fluxaccel.nodes.compile import CompileFlux
-from fluxaccel.nodes.context_parallel import ContextParallel
+from fluxaccel.nodes.context_parallel.node import ContextParallel
 from conftest import COMFYUI_DIR
-from fluxaccel.nodes.context_parallel_pool import WORKER_SCRIPT, WorkerFailed, rendezvous_port
-from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, tiny_lora,
+from fluxaccel.nodes.context_parallel.pool import WORKER_SCRIPT, WorkerFailed, rendezvous_port
+from tests.support.ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, tiny_lora,
                               with_block_cache, with_cache, with_lora)
 from test_fp8_quantize import quantized
 
@@ -154,7 +154,7 @@ def test_a_calibrating_block_cache_decides_alike_on_every_rank_in_every_pass(cac
     """A quality target samples several cache runs in one sampling run (the calibration's passes), on the
     trained tiny FLUX where they reuse steps: each pass starts a fresh mirrored cache on the workers, in
     either order of the nodes."""
-    import fidelity
+    from bench.fidelity import caches as fidelity
     from fluxaccel.nodes.first_block_cache import forget_calibrations
 
     shapes = fidelity.load_shapes_model()
@@ -541,4 +541,4 @@ def test_a_worker_started_by_hand_with_a_bad_environment_says_which_variable(nam
     worker = subprocess.run([sys.executable, WORKER_SCRIPT, "--comfyui", COMFYUI_DIR], env=environment,
                             capture_output=True, text=True, timeout=60)
     assert worker.returncode == 1
-    assert re.search(f"context_parallel_worker.py: {message}", worker.stderr), worker.stderr
+    assert re.search(f"nodes/context_parallel/worker.py: {message}", worker.stderr), worker.stderr

@@ -2,9 +2,9 @@
 import pytest
 from PIL import Image
 
-from api_workflows import api_with_test_models
-from browser import HeadlessChromium
-from ui_workflows import (editor_graph_with_test_models, errors_shown, load_editor_graph, open_editor, read_workflow,
+from tests.support.api_workflows import api_with_test_models
+from tests.support.browser import HeadlessChromium
+from tests.support.ui_workflows import (editor_graph_with_test_models, errors_shown, load_editor_graph, open_editor, read_workflow,
                           without_titles, workflow_names)
 
 pytestmark = pytest.mark.server

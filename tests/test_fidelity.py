@@ -1,6 +1,6 @@
 """Fidelity of First Block Cache and Block Cache on a trained FLUX, through ComfyUI's real ModelPatcher and KSampler.
 
-The model (tests/assets/tiny_flux_shapes.safetensors, from scripts/train_tiny_flux.py) is a small
+The model (tests/assets/tiny_flux_shapes.safetensors, from bench/fidelity/train_tiny_flux.py) is a small
 FLUX of ComfyUI's own classes trained to draw the shape, colour and position its prompt asks for.
 First it must be shown to do that; only then does "the cached image stays close" mean anything.
 """
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-import fidelity
-from cache_reports import parse_calibrated_threshold
-from train_tiny_flux import ALL_CONDITIONS
+from bench.fidelity import caches as fidelity
+from tests.support.cache_reports import parse_calibrated_threshold
+from bench.fidelity.train_tiny_flux import ALL_CONDITIONS
 
 CONDITIONS = fidelity.spread_conditions(8)
 # Held out from the seeds of docs/FIDELITY.md's curve, so the default is not tuned to these images.
@@ -59,7 +59,7 @@ def block_cache_default():
 
 
 def test_default_threshold_skips_a_third_and_keeps_30_db(shapes_model, references):
-    """The node's default (0.12, chosen by `python scripts/fidelity.py`, docs/FIDELITY.md) is fast and faithful."""
+    """The node's default (0.12, chosen by `python -m bench.fidelity.caches`, docs/FIDELITY.md) is fast and faithful."""
     [point] = fidelity.cache_curve([node_default_threshold()], SEEDS, CONDITIONS, model=shapes_model, references=references)
     print(f"threshold {point.threshold}: skipped {100 * point.skipped_fraction:.1f} % of {fidelity.STEPS} steps, "
           f"PSNR mean {point.mean_psnr:.1f} dB / min {point.min_psnr:.1f} dB, SSIM {point.mean_ssim:.4f} "
@@ -155,10 +155,10 @@ def test_a_cache_blind_to_change_fails_the_bar(shapes_model, references, monkeyp
 
 def test_fp8_keeps_the_trained_models_pictures_with_under_half_of_core_fp8s_error(shapes_model):
     """FP8 Dynamic Quantize's tensor-core math (torch._scaled_mm on the CPU) against core fp8_e4m3fn_fast,
-    both against the bf16 model, on held-out seeds (scripts/fp8_fidelity.py has the full table)."""
+    both against the bf16 model, on held-out seeds (bench/fidelity/fp8.py has the full table)."""
     import comfy.ops
 
-    import fp8_fidelity
+    from bench.fidelity import fp8 as fp8_fidelity
 
     cases = fidelity.cases_of(CONDITIONS[:3], SEEDS)
     bf16 = fp8_fidelity.shapes_model_as(shapes_model, torch.bfloat16, None)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
-from flux_fixtures import tiny_flux_patcher
-from ksampler_helpers import cache_summaries, conditioning, ksample, relative_error, tiny_lora, with_cache, with_lora
+from tests.support.flux_fixtures import tiny_flux_patcher
+from tests.support.ksampler_helpers import cache_summaries, conditioning, ksample, relative_error, tiny_lora, with_cache, with_lora
 
 
 # The tiny random FLUX moves its first block's residual by 0.5-0.8 (relative L1) between steps:

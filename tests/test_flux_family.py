@@ -2,7 +2,7 @@
 compared with the same model without the node: exactly where the node is exact, within its documented
 error where it is not.
 
-The family, as tiny models of ComfyUI's own classes (scripts/flux_fixtures.py): FLUX.1; FLUX.1 Kontext
+The family, as tiny models of ComfyUI's own classes (tests/support/flux_fixtures.py): FLUX.1; FLUX.1 Kontext
 (the FLUX.1 model given a reference latent, as ComfyUI's ReferenceLatent node gives it); FLUX.2 (global
 modulation, SwiGLU MLPs, no biases, four RoPE axes, patch size 1 on 128 channels), also with a
 reference, and as klein (no guidance embedder); and Chroma (FLUX.1's blocks, modulations from its own
@@ -13,13 +13,13 @@ import re
 import pytest
 import torch
 
-from flux_fixtures import TINY_FAMILY, WEIGHT_STD as WEIGHT_STD_OF_FIXTURES
-from fluxaccel.nodes import context_parallel_pool
+from tests.support.flux_fixtures import TINY_FAMILY, WEIGHT_STD as WEIGHT_STD_OF_FIXTURES
+from fluxaccel.nodes.context_parallel import pool as context_parallel_pool
 from fluxaccel.nodes.attention import FluxAttentionBackend
 from fluxaccel.nodes.compile import CompileFlux
-from fluxaccel.nodes.context_parallel import ContextParallel
-from cache_reports import parse_compile_report
-from ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, with_block_cache,
+from fluxaccel.nodes.context_parallel.node import ContextParallel
+from tests.support.cache_reports import parse_compile_report
+from tests.support.ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, with_block_cache,
                               with_cache)
 from test_fp8_quantize import quantized
 

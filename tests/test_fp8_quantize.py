@@ -10,13 +10,13 @@ import comfy.lora
 import comfy.model_management
 import comfy.utils
 from conftest import cpu_machine_only
-from flux_fixtures import tiny_flux_patcher
-from fluxaccel.kernels import fp8
+from tests.support.flux_fixtures import tiny_flux_patcher
+from fluxaccel.kernels.fp8 import quantize as fp8
 from fluxaccel.nodes import flux_layout
 from fluxaccel.nodes.compile import CompileFlux
 from fluxaccel.nodes.fp8_layout import is_fp8_weight, quantize_weight
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize, FP8Marker, QuantizingSetWeight
-from ksampler_helpers import cache_summaries, gpu_like_flux, ksample, relative_error, tiny_lora, with_cache, with_lora
+from tests.support.ksampler_helpers import cache_summaries, gpu_like_flux, ksample, relative_error, tiny_lora, with_cache, with_lora
 
 TINY_FLUX_LINEAR_LAYERS = 39
 TINY_FLUX_KEPT = ["img_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
@@ -264,7 +264,8 @@ def test_reports_weight_only_fp8_without_fp8_tensor_cores(caplog_info):
 def test_non_flux_model_gets_a_clear_error():
     model = tiny_flux_patcher()
     model.add_object_patch("diffusion_model", torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="FP8 Dynamic Quantize supports FLUX.1 .dev, schnell, Kontext., FLUX.2 .*diffusion model is Linear"):
+    with pytest.raises(ValueError,
+                       match="FP8 Dynamic Quantize supports FLUX.1 .dev, schnell, Kontext., FLUX.2 .*diffusion model is Linear"):
         quantized(model)
 
 
@@ -298,7 +299,7 @@ def scaled_fp8_tiny_flux():
     layer): comfy.sd.load_diffusion_model_state_dict's steps, whose weights become QuantizedTensors."""
     import comfy.model_patcher
     import comfy.supported_models
-    from flux_fixtures import TINY_FAMILY
+    from tests.support.flux_fixtures import TINY_FAMILY
 
     source = tiny_flux_patcher(dtype=torch.bfloat16).model.diffusion_model.state_dict()
     state_dict = {"scaled_fp8": torch.empty((), dtype=torch.float8_e4m3fn)}

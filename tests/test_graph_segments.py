@@ -1,7 +1,7 @@
 """Speed features under Compile FLUX's CUDA-graph replay, through ComfyUI's real ModelPatcher and KSampler.
 
-First Block Cache splits each captured forward where it decides (kernels/cuda_graphs.py). On the CPU the
-graphs are the eager stand-in of tests/graph_stand_in.py, which replays the recorded ATen operations on
+First Block Cache splits each captured forward where it decides (kernels/compile/cuda_graphs.py). On the CPU the
+graphs are the eager stand-in of tests/support/graph_stand_in.py, which replays the recorded ATen operations on
 the recorded tensors, runs none of the forward's host code and starts every replayed call with NaN in
 the graphs' memory: a residual or decision the segments do not hand over, or a residual left in graph
 memory for a later call, shows as a different latent. Compile FLUX's blocks run uncompiled here (the stand-in cannot
@@ -11,13 +11,13 @@ The same checks on CUDA graphs are GPU tests in test_compile.py and test_context
 import pytest
 import torch
 
-from fluxaccel.nodes import context_parallel_pool
+from fluxaccel.nodes.context_parallel import pool as context_parallel_pool
 from fluxaccel.nodes.compile import CUDA_GRAPHS_KEY, CompileFlux, use_cuda_graphs
-from fluxaccel.nodes.context_parallel import ContextParallel
+from fluxaccel.nodes.context_parallel.node import ContextParallel
 from fluxaccel.nodes.first_block_cache import COMPUTE, REUSE
 from conftest import cpu_machine_only
-from graph_stand_in import TapeRecorder
-from ksampler_helpers import (assert_replays_as_launched, cache_summaries, conditioning, gpu_like_flux, ksample,
+from tests.support.graph_stand_in import TapeRecorder
+from tests.support.ksampler_helpers import (assert_replays_as_launched, cache_summaries, conditioning, gpu_like_flux, ksample,
                               no_room_to_batch, tiny_lora, with_block_cache, with_cache, with_lora)
 from test_compile import cuda_graph_reports, launched_one_by_one as launched, recording_blocks
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from fluxaccel.kernels import fp8
-from fluxaccel.kernels.regional_compile import CountingInductorBackend
+from fluxaccel.kernels.fp8 import quantize as fp8
+from fluxaccel.kernels.compile.regional_compile import CountingInductorBackend
 
 HIDDEN = 3072
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor writes Triton kernels for GPUs only")

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fluxaccel.kernels.context_parallel import (ParallelDegrees, balanced_shares, degrees_problem, pad_tokens,
+from fluxaccel.kernels.context_parallel.sharding import (ParallelDegrees, balanced_shares, degrees_problem, pad_tokens,
                                                 shard_references, shard_text, splits_batch, token_shard)
 
 

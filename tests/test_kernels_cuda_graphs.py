@@ -1,4 +1,4 @@
-"""kernels.cuda_graphs: what makes two calls the same call, and capture and replay of calls split where
+"""kernels.compile.cuda_graphs: what makes two calls the same call, and capture and replay of calls split where
 their host code decides: on the CPU with the eager stand-in (graph_stand_in.py), on CUDA graphs where a GPU is."""
 import logging
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import needs_cuda
-from fluxaccel.kernels.cuda_graphs import (CAPTURE, LAUNCH, MAX_GRAPHS, REPLAY, CallCounts, CapturedCalls,
+from fluxaccel.kernels.compile.cuda_graphs import (CAPTURE, LAUNCH, MAX_GRAPHS, REPLAY, CallCounts, CapturedCalls,
                                            CapturePlanner, CudaGraphRecorder, GraphOrder, Recording, ReplayedCalls,
                                            call_signature, host_decision, reset_cuda_random_state, weights_signature)
 from fluxaccel.nodes.fp8_layout import quantize_weight
-from graph_stand_in import TapeRecorder
+from tests.support.graph_stand_in import TapeRecorder
 
 
 def test_signature_follows_shapes_and_values_not_tensor_contents():

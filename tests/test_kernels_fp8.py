@@ -5,8 +5,10 @@ import re
 import pytest
 import torch
 
-from fluxaccel.kernels import fp8, regional_compile
-from triton_interpreter import (KERNEL_DEVICE, assert_passes_in_tritons_interpreter, needs_kernel_device,
+from fluxaccel.kernels.compile import regional_compile
+from fluxaccel.kernels import triton_support
+from fluxaccel.kernels.fp8 import quantize as fp8
+from tests.support.triton_interpreter import (KERNEL_DEVICE, assert_passes_in_tritons_interpreter, needs_kernel_device,
                                 runs_kernel_tests_in_a_child)
 
 
@@ -538,7 +540,7 @@ def test_only_wide_rows_on_a_gpu_take_the_kernel(monkeypatch):
         fp8.quantize_activation(torch.randn(2, features), "row")
     fp8.quantize_activation(torch.randn(2, 12288), "tensor")
     assert calls == [(2, 8192), (2, 15360)]
-    monkeypatch.setattr(fp8, "TRITON_INSTALLED", False)
+    monkeypatch.setattr(triton_support, "TRITON_INSTALLED", False)
     fp8.quantize_activation(torch.randn(2, 12288), "row")
     assert calls == [(2, 8192), (2, 15360)], "without Triton the torch ops quantize"
 

@@ -3,8 +3,8 @@ against the torch ops, and the rewrite of Dynamo graphs that hands it the attent
 import pytest
 import torch
 
-from fluxaccel.kernels import qk_norm_rope, qk_norm_rope_fusion, rope
-from triton_interpreter import (KERNEL_DEVICE, assert_passes_in_tritons_interpreter, needs_kernel_device,
+from fluxaccel.kernels.attention import qk_norm_rope, qk_norm_rope_graph_pass, rope
+from tests.support.triton_interpreter import (KERNEL_DEVICE, assert_passes_in_tritons_interpreter, needs_kernel_device,
                                 runs_kernel_tests_in_a_child)
 
 comfy_kitchen = pytest.importorskip("comfy_kitchen", reason="ComfyUI's RoPE op comes from comfy_kitchen")
@@ -105,7 +105,7 @@ def compiled_with_rewrite(function):
     counts = []
 
     def backend(graph_module, example_inputs):
-        counts.append(qk_norm_rope_fusion.fuse_qk_norm_rope(graph_module))
+        counts.append(qk_norm_rope_graph_pass.fuse_qk_norm_rope(graph_module))
         return graph_module.forward
 
     return torch.compile(function, backend=backend, fullgraph=True), counts

@@ -1,4 +1,4 @@
-"""kernels.tensor_transport: nested structures of tensors, FP8 QuantizedTensors among them, sent rank 0 to rank 1."""
+"""kernels.context_parallel.tensor_transport: nested structures of tensors, FP8 QuantizedTensors among them, sent rank 0 to rank 1."""
 import os
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import textwrap
 import torch
 
 from conftest import PACK_DIR
-from fluxaccel.kernels.tensor_transport import from_slots, pack, tensor_slots, to_slots, unpack
+from fluxaccel.kernels.context_parallel.tensor_transport import from_slots, pack, tensor_slots, to_slots, unpack
 from fluxaccel.nodes.fp8_layout import quantize_weight
 
 
@@ -65,7 +65,7 @@ def test_broadcast_between_two_processes_over_gloo(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import datetime, importlib.util, os, sys
         import torch, torch.distributed as dist
-        spec = importlib.util.spec_from_file_location("transport", {os.path.join(PACK_DIR, "kernels", "tensor_transport.py")!r})
+        spec = importlib.util.spec_from_file_location("transport", {os.path.join(PACK_DIR, "kernels", "context_parallel", "tensor_transport.py")!r})
         transport = importlib.util.module_from_spec(spec); spec.loader.exec_module(transport)
         transport.BUCKET_BYTES = 64  # several buckets even for these small tensors
         rank = int(sys.argv[1])
@@ -83,7 +83,7 @@ def test_broadcast_between_two_processes_over_gloo(tmp_path):
             print("received", len(received))
         dist.destroy_process_group()
     """))
-    from fluxaccel.nodes.context_parallel_pool import rendezvous_port
+    from fluxaccel.nodes.context_parallel.pool import rendezvous_port
 
     port = str(rendezvous_port(0))
     ranks = [subprocess.Popen([sys.executable, str(script), str(rank), port], stdout=subprocess.PIPE, text=True)

@@ -16,7 +16,7 @@ pack = importlib.util.module_from_spec(spec)
 sys.modules["pack"] = pack
 spec.loader.exec_module(pack)
 import pack.kernels.residual_cache
-import pack.kernels.regional_compile
+import pack.kernels.compile.regional_compile
 import pack.kernels.fp8
 assert callable(pack.comfy_entrypoint)
 assert not hasattr(pack, "NODE_CLASS_MAPPINGS"), "ComfyUI would take V1 mappings and ignore comfy_entrypoint"
@@ -41,12 +41,18 @@ def imported_modules(path):
             yield node.module
 
 
+def python_files(folder):
+    """The Python files under `folder` (subpackages included), as paths relative to it."""
+    for directory, _, filenames in os.walk(os.path.join(PACK_DIR, folder)):
+        for filename in sorted(filenames):
+            if filename.endswith(".py"):
+                yield os.path.relpath(os.path.join(directory, filename), os.path.join(PACK_DIR, folder))
+
+
 def test_kernels_never_import_comfyui():
-    kernels_dir = os.path.join(PACK_DIR, "kernels")
-    for filename in os.listdir(kernels_dir):
-        if filename.endswith(".py"):
-            roots = {name.split(".")[0] for name in imported_modules(os.path.join(kernels_dir, filename))}
-            assert not roots & {"comfy", "comfy_api", "comfy_execution", "nodes", "server", "folder_paths"}, filename
+    for filename in python_files("kernels"):
+        roots = {name.split(".")[0] for name in imported_modules(os.path.join(PACK_DIR, "kernels", filename))}
+        assert not roots & {"comfy", "comfy_api", "comfy_execution", "nodes", "server", "folder_paths"}, filename
 
 
 def test_registry_metadata_is_complete():
@@ -78,11 +84,10 @@ PRIVATE_DETAILS = re.compile(r"\._qdata|\._params|\._layout_cls|\.object_patches
 
 
 def test_nodes_reach_comfyuis_private_details_only_through_the_contract_module():
-    nodes_dir = os.path.join(PACK_DIR, "nodes")
-    for filename in sorted(os.listdir(nodes_dir)):
-        if not filename.endswith(".py") or filename == "comfy_contract.py":
+    for filename in python_files("nodes"):
+        if filename == "comfy_contract.py":
             continue
-        path = os.path.join(nodes_dir, filename)
+        path = os.path.join(PACK_DIR, "nodes", filename)
         comfy_imports = {name for name in imported_modules(path) if name.split(".")[0] in COMFYUI_ROOTS}
         assert comfy_imports <= EXTENSION_POINT_MODULES, (filename, comfy_imports - EXTENSION_POINT_MODULES)
         code = code_without_strings(path).replace("comfy_contract.", "")
@@ -97,3 +102,22 @@ def code_without_strings(path) -> str:
                   if token.type in (tokenize.STRING, tokenize.COMMENT) else token
                   for token in tokenize.tokenize(f.readline)]
     return tokenize.untokenize(tokens).decode()
+
+
+# Inputs a user rarely changes, which the graph editor folds away as core's nodes do theirs.
+EXPERT_INPUTS = {"FluxAccelCompile": {"mode", "dynamic_shapes"}, "FluxAccelContextParallel": {"port", "ranks"},
+                 "FluxAccelFP8DynamicQuantize": {"exclude"},
+                 "FluxAccelBlockCache": {"probe_blocks", "tail_blocks", "every_n_steps"}}
+
+
+def test_expert_inputs_are_marked_advanced():
+    from fluxaccel.nodes import compile, first_block_cache, fp8_quantize
+    from fluxaccel.nodes.context_parallel import node as context_parallel
+
+    schemas = {schema.node_id: schema for schema in (node.define_schema() for node in (
+        compile.CompileFlux, context_parallel.ContextParallel, fp8_quantize.FP8DynamicQuantize,
+        first_block_cache.ApplyBlockCache))}
+    assert set(schemas) == set(EXPERT_INPUTS)
+    for node_id, schema in schemas.items():
+        advanced = {item.id for item in schema.inputs if item.advanced}
+        assert advanced == EXPERT_INPUTS[node_id], node_id

@@ -7,8 +7,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from api_workflows import MODEL_FILE_INPUTS, runnable_on_test_host, text_to_image
-from comfy_server import PromptFailed
+from tests.support.api_workflows import MODEL_FILE_INPUTS, runnable_on_test_host, text_to_image
+from tests.support.comfy_server import PromptFailed
 from conftest import COMFYUI_DIR
 
 pytestmark = pytest.mark.server
@@ -223,7 +223,7 @@ def test_the_workflow_check_catches_mistakes(comfy_server):
 
 def context_parallel_workers(comfy_server):
     return [child for child in psutil.Process(comfy_server.process.pid).children(recursive=True)
-            if any("context_parallel_worker.py" in part for part in child.cmdline())]
+            if any(part.endswith(os.path.join("context_parallel", "worker.py")) for part in child.cmdline())]
 
 
 def test_context_parallel_stack_reports_on_the_sampler_node_and_keeps_its_workers(comfy_server):

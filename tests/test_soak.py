@@ -20,9 +20,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from api_workflows import text_to_image
+from tests.support.api_workflows import text_to_image
 from conftest import COMFYUI_DIR
-from flux_fixtures import TEST_LORA_FILE, TEST_UNET_FILE, TEST_UNET_SECOND_NAME
+from tests.support.flux_fixtures import TEST_LORA_FILE, TEST_UNET_FILE, TEST_UNET_SECOND_NAME
 from test_server import CONTEXT_PARALLEL_NODE
 
 pytestmark = pytest.mark.server
