@@ -2,10 +2,10 @@
 
 The nodes use ComfyUI's extension points directly: the V3 node API (`comfy_api.latest`), a
 ModelPatcher's clone, wrappers, callbacks, patches and `model_options` (with `comfy.patcher_extension`'s
-WrappersMP / CallbacksMP), `comfy_api.torch_helpers.set_torch_compile_wrapper`, `folder_paths`, and
-`comfy.model_management`'s device and interrupt. Everything else they need — how a wrapper's
-arguments are ordered, private attributes, model classes and the code protocol of their blocks,
-QuantizedTensor internals, comfy_kitchen's op names, other modules' helpers — is reached through this
+WrappersMP / CallbacksMP), `folder_paths`, and `comfy.model_management`'s device and interrupt.
+Everything else they need — how a wrapper's arguments are ordered, private attributes, model classes
+and the code protocol of their blocks, QuantizedTensor internals, comfy_kitchen's op names, core's
+torch.compile wrapper, other modules' helpers — is reached through this
 module (tests/test_pack_layout.py checks), and each such detail is a `Touchpoint`.
 
 At load the pack checks every touchpoint (`problems`). A node whose touchpoints do not hold refuses to
@@ -220,6 +220,20 @@ def quantized_layout_name(qtensor) -> str:
     return qtensor._layout_cls
 
 
+# ---- core's torch.compile wrapper, which Compile FLUX hands the blocks it compiled ----
+
+def set_compiled_modules(model_patcher, compiled_modules: dict):
+    """Swaps `compiled_modules` ({model path: module}) in for each model call and back after it: the APPLY_MODEL
+    wrapper of core's `set_torch_compile_wrapper`, under its key (replacing core TorchCompileModel's). Core's
+    function compiles the modules itself, where Compile FLUX hooks its own."""
+    import comfy.patcher_extension
+    from comfy_api.torch_helpers import torch_compile
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    model_patcher.remove_wrappers_with_key(apply_model, torch_compile.COMPILE_KEY)
+    model_patcher.add_wrapper_with_key(apply_model, torch_compile.COMPILE_KEY,
+                                       torch_compile.apply_torch_compile_factory(compiled_modules))
+
+
 # ---- comfy_kitchen's RoPE ops, which Compile FLUX decomposes for inductor ----
 
 def kitchen_rope_ops():
@@ -364,6 +378,12 @@ def check_helpers():
             or attributes_lack(comfy.model_management, "module_size"))
 
 
+def check_compile_wrapper():
+    from comfy_api.torch_helpers import torch_compile
+    return (attributes_lack(torch_compile, "COMPILE_KEY", "apply_torch_compile_factory")
+            or parameters_lack(torch_compile.apply_torch_compile_factory, "compiled_module_dict"))
+
+
 def check_cli_args():
     import comfy.cli_args
     return attributes_lack(comfy.cli_args, "args")
@@ -401,6 +421,8 @@ TOUCHPOINTS = (
     Touchpoint("weight-adapter", "comfy.weight_adapter.WeightAdapterBase", check_weight_adapter, (FP8_QUANTIZE,)),
     Touchpoint("comfy-helpers", "comfy.utils / common_dit / model_management helpers", check_helpers,
                (FP8_QUANTIZE, CONTEXT_PARALLEL)),
+    Touchpoint("torch-compile-wrapper", "comfy_api.torch_helpers.torch_compile's apply_torch_compile_factory",
+               check_compile_wrapper, (COMPILE,)),
     Touchpoint("cli-args", "comfy.cli_args.args", check_cli_args, (CONTEXT_PARALLEL,)),
     Touchpoint("kitchen-rope-ops", "comfy_kitchen's apply_rope ops", check_kitchen_rope_ops,
                optimisation="Compile FLUX leaves ComfyUI's RoPE as it is (a kernel and host dispatch per block)"),

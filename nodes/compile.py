@@ -1,12 +1,14 @@
 """Compile FLUX: torch.compile of FLUX's transformer blocks, one graph per block kind.
 
 Hook-up, through ComfyUI's own extension points:
-- `comfy_api.torch_helpers.set_torch_compile_wrapper` with one key per block: its APPLY_MODEL
-  wrapper swaps the compiled blocks in for each model call and back after it, so clones stay
-  independent. What runs between blocks stays eager: First Block Cache's decision and other packs'
-  block replacements call the compiled blocks; LoRA patches change parameters, which are graph
-  inputs, so a new strength needs no recompilation. It replaces core TorchCompileModel's wrapper
-  (the same key): one compile per model.
+- core's torch.compile wrapper (`comfy_api.torch_helpers`' APPLY_MODEL wrapper, through
+  `comfy_contract.set_compiled_modules`) swaps the compiled blocks in for each model call and back after
+  it, so clones stay independent. What runs between blocks stays eager: First Block Cache's decision and
+  other packs' block replacements call the compiled blocks; LoRA patches change parameters, which are
+  graph inputs, so a new strength needs no recompilation. It replaces core TorchCompileModel's wrapper
+  (the same key): one compile per model. The node compiles the blocks itself, to hook them: under
+  automatic dynamic shapes, the recompile at a second size is generic in batch and prompt length too
+  (`kernels.regional_compile.SizeGenericRecompile`).
 - an OUTER_SAMPLE wrapper reports, per sampling run, the graphs compiled and the graph breaks met.
 - ComfyUI applies FLUX's RoPE through comfy_kitchen's custom ops, which the compiler cannot see into:
   each call costs its own kernel and, at every block, 0.2-0.4 ms of Python dispatch on the host, which
@@ -40,14 +42,13 @@ from typing_extensions import override
 import comfy.patcher_extension
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
-from comfy_api.torch_helpers import set_torch_compile_wrapper
 
 from ..kernels.attention import qk_norm_rope_graph_pass
 from ..kernels.attention.qk_norm_rope_graph_pass import QK_NORM_ROPE_SITES
 from ..kernels.attention.rope import interleaved_rope
 from ..kernels.compile.cuda_graphs import CallCounts, CudaGraphRecorder, ReplayedCalls, call_signature, weights_signature
 from ..kernels.compile.regional_compile import (COMPILE_MODES, DYNAMIC_SHAPES, CompileCounter, CountingInductorBackend,
-                                                GraphPasses, compile_cache_folder_for, graph_break_count,
+                                                GraphPasses, compile_blocks, compile_cache_folder_for, graph_break_count,
                                                 raised_recompile_limit, shared_inductor_backend)
 from ..kernels.fp8 import graph_pass as fp8_graph_pass
 from ..kernels.fp8.graph_pass import GELU_SITES, LAYER_NORM_SITES
@@ -76,7 +77,7 @@ def compile_cache_folder():
 
 
 def block_keys(double_blocks, single_blocks):
-    """The ComfyUI model paths of FLUX's blocks, as `set_torch_compile_wrapper` takes them."""
+    """The ComfyUI model paths of FLUX's blocks, as core's torch.compile wrapper takes them."""
     return ([f"diffusion_model.double_blocks.{i}" for i in range(double_blocks)]
             + [f"diffusion_model.single_blocks.{i}" for i in range(single_blocks)])
 
@@ -321,9 +322,10 @@ class CompileFlux(io.ComfyNode):
                 io.Combo.Input(
                     "dynamic_shapes", options=list(DYNAMIC_SHAPES), default="automatic", advanced=True,
                     tooltip=("automatic: the first size compiles fixed-shape graphs, a second size recompiles them "
-                             "once as size-generic graphs that serve every later resolution, batch and prompt length. "
-                             "dynamic: size-generic from the first run. static: one graph set per size (a recompile "
-                             "for each new resolution or batch).")),
+                             "once as graphs generic in resolution, batch and prompt length; the first run with the "
+                             "other kind of batch (one image, or several: cfg makes two) recompiles once more. "
+                             "dynamic: those generic graphs from the first run. static: one graph set per size (a "
+                             "recompile for each new resolution or batch).")),
                 io.Boolean.Input(
                     "cuda_graphs", default=True, optional=True,
                     tooltip=("Replays each model call from a CUDA graph (captured at the second call of each size), "
@@ -342,8 +344,9 @@ class CompileFlux(io.ComfyNode):
         backend = compile_backend(mode, dynamic_shapes, compile_cache_folder_for(compile_cache_folder()))
         backend.on_compile_start = announce_compile
         patched = non_dynamic_clone(model, NODE_NAME)
-        set_torch_compile_wrapper(patched, backend=backend, dynamic=backend.dynamic,
-                                  keys=block_keys(*flux_layout.block_counts(diffusion_model)))
+        blocks = {key: patched.get_model_object(key) for key in block_keys(*flux_layout.block_counts(diffusion_model))}
+        compiled_blocks = compile_blocks(blocks, backend, flux_layout.VARYING_BLOCK_INPUT_DIMS)
+        comfy_contract.set_compiled_modules(patched, compiled_blocks)
         patched.model_options[BACKEND_KEY] = backend
         set_wrapper(patched, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sample_with_compile_report)
         use_cuda_graphs(patched, cuda_graphs)

@@ -38,6 +38,13 @@ def block_counts(diffusion_model):
     return len(diffusion_model.double_blocks), len(diffusion_model.single_blocks)
 
 
+# The dimensions of the FLUX blocks' inputs that vary between calls, by the forward's parameter names
+# (ComfyUI's DoubleStreamBlock takes img, txt, vec, pe; SingleStreamBlock x, vec, pe): the batch, and the
+# tokens of the image, of the prompt, and of both joined (the single blocks' x, the RoPE table pe). vec
+# is a tensor, or tuples of modulations (FLUX.2, Chroma), batch first.
+VARYING_BLOCK_INPUT_DIMS = {"img": (0, 1), "txt": (0, 1), "x": (0, 1), "pe": (0, 2), "vec": (0,)}
+
+
 # Layers kept in the model's dtype by the FP8 node: the input embedders and the final layer see
 # raw latents, timesteps and guidance and feed the output directly; they are 0.1 GiB of FLUX.1-dev.
 # Chroma's distilled guidance layer turns timestep and guidance into every block's modulation.

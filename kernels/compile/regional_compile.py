@@ -6,7 +6,9 @@ every block of a kind. Compiling two graphs instead of a whole model is what mak
 short, and parameters as inputs are why changed weights (a LoRA) need no recompilation.
 """
 import contextlib
+import dataclasses
 import functools
+import inspect
 import os
 import time
 from collections import Counter
@@ -19,9 +21,9 @@ from ..environment import environment_while
 from . import inductor_heuristics
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-# torch.compile's `dynamic`: None marks a dimension dynamic once it is seen to change (one
-# recompilation per shape class), True compiles shape-generic graphs from the start, False
-# compiles one graph per shape.
+# torch.compile's `dynamic`: None compiles the first shapes fixed and recompiles once they change
+# (SizeGenericRecompile makes that recompile generic in every size that varies), True compiles
+# shape-generic graphs from the start, False compiles one graph per shape.
 DYNAMIC_SHAPES = {"automatic": None, "dynamic": True, "static": False}
 # Every FLUX in the process runs the same block code, so Dynamo's limit on cached graphs per code
 # object (8 by default) is shared by all workflows: each settings combination, model variant (with
@@ -87,6 +89,9 @@ class CountingInductorBackend:
             self.inductor_options.update(options(self.counter.rewrites))
         # Called with the graph's number before each compilation, to tell the person waiting.
         self.on_compile_start = None
+        # Under automatic dynamic shapes: the sizes each block kind compiled at first, for every model this backend
+        # compiles (Dynamo's graphs are the process's, shared by all of them).
+        self.size_generic_recompile = SizeGenericRecompile() if self.dynamic is None else None
 
     def __call__(self, graph_module, example_inputs):
         from torch._inductor.compile_fx import compile_fx
@@ -103,6 +108,70 @@ class CountingInductorBackend:
         self.counter.graphs += 1
         self.counter.seconds += time.perf_counter() - started
         return compiled
+
+
+class SizeGenericRecompile:
+    """Makes the one recompile of automatic dynamic shapes generic in every size that varies between
+    calls of a block (batch, image tokens, prompt tokens), through forward pre-hooks on the compiled blocks.
+
+    Dynamo makes a dimension dynamic only once it has seen that dimension change, so each new kind of
+    change recompiled again: the image tokens at a second resolution, then a batch of two (or cfg's cond
+    and uncond in one call), then a longer prompt. Here a block kind's first sizes compile fixed-shape
+    graphs, and a call at any other sizes has all its varying dimensions marked dynamic before Dynamo
+    sees it. Dynamo still compiles a size of 1 as a constant, and FLUX's graphs do differ there (with one
+    image a slice of the attention output is viewed where several images need a copy), so the batch has
+    two classes, one image and several: the first call in the class the generic graphs were not compiled
+    for recompiles once more.
+    """
+
+    def __init__(self):
+        # {(block class, the other sizes of the varying inputs: the model's width): varying sizes of the first call}
+        self.first_sizes = {}
+
+    def pre_hook(self, block, varying_dims):
+        """A forward pre-hook (with kwargs) for `block` compiled; `varying_dims` maps the forward's parameter
+        names to the dimensions that vary between calls in every tensor the argument holds."""
+        parameter_names = tuple(inspect.signature(block.forward).parameters)
+        block_class = type(block)
+
+        def mark_varying_sizes_dynamic(compiled_block, args, kwargs):
+            arguments = {**dict(zip(parameter_names, args)), **kwargs}
+            varying = [(tensor, dims) for name, dims in varying_dims.items() if name in arguments
+                       for tensor in tensors_in(arguments[name])]
+            other_sizes = tuple(tuple(size for dim, size in enumerate(tensor.shape) if dim not in dims)
+                                for tensor, dims in varying)
+            sizes = tuple(tuple(tensor.shape[dim] for dim in dims) for tensor, dims in varying)
+            if self.first_sizes.setdefault((block_class, other_sizes), sizes) != sizes:
+                for tensor, dims in varying:
+                    # maybe_: a dimension Dynamo compiles as a constant after all (a batch of 1) is no error.
+                    torch._dynamo.maybe_mark_dynamic(tensor, dims)
+
+        return mark_varying_sizes_dynamic
+
+
+def tensors_in(value):
+    """The tensors a block argument holds: itself, or those in its tuples, lists and dataclasses (FLUX.2's and
+    Chroma's modulations)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from tensors_in(item)
+    elif dataclasses.is_dataclass(value):
+        for item in vars(value).values():
+            yield from tensors_in(item)
+
+
+def compile_blocks(blocks, backend: CountingInductorBackend, varying_dims):
+    """torch.compile of each block ({model path: module}) with `backend`, by model path. Under automatic dynamic
+    shapes, the recompile at other sizes is generic in every dimension `varying_dims` names (SizeGenericRecompile)."""
+    compiled_blocks = {}
+    for path, block in blocks.items():
+        compiled_blocks[path] = torch.compile(block, backend=backend, dynamic=backend.dynamic)
+        if backend.size_generic_recompile is not None:
+            compiled_blocks[path].register_forward_pre_hook(
+                backend.size_generic_recompile.pre_hook(block, varying_dims), with_kwargs=True)
+    return compiled_blocks
 
 
 @functools.lru_cache(maxsize=None)
