@@ -177,7 +177,7 @@ def core_calls_sentence(calls):
         return "core fp8_e4m3fn_fast was not run"
     if calls["weight_only"] == 0:
         return (f"all {calls['w8a8']:,} of core fp8_e4m3fn_fast's layer calls ran its W8A8 path (activations "
-                "clamped to ±448 and cast to e4m3 with scale 1, torch's scaled matmul), none its weight-only fallback")
+                "clamped to ±448 and cast to e4m3 with scale 1), none its weight-only fallback")
     return (f"core fp8_e4m3fn_fast's layer calls: {calls['w8a8']:,} ran its W8A8 path, {calls['weight_only']:,} "
             "its weight-only fallback (weight cast to bf16, activations unquantized)")
 
