@@ -58,15 +58,23 @@ def block_cache_default():
                                  defaults["probe_blocks"], defaults["tail_blocks"], defaults["every_n_steps"])
 
 
-def test_default_threshold_skips_a_third_and_keeps_30_db(shapes_model, references):
-    """The node's default (0.12, chosen by `python -m bench.fidelity.caches`, docs/FIDELITY.md) is fast and faithful."""
+def test_default_threshold_skips_60_percent_of_steps_at_46_db(shapes_model, references):
+    """The node's default (0.12, chosen by `python -m bench.fidelity.caches`, docs/FIDELITY.md) is fast and faithful:
+    docs/FIDELITY.md's table measures 64.9 % skipped at a mean PSNR of 48.2 dB (SSIM 0.9961) there, and these
+    held-out cases 65.2 % at 47.8 dB (SSIM 0.9959) on the CPU of 2026-12-05.
+
+    The bounds sit 5 points and about 2 dB below that: float rounding that differs on another CPU flips reuse
+    decisions near the threshold, each moving the skipped share by 1/448 (28 steps x 16 cases) and the PSNR
+    with it; 5 points is about 22 flipped decisions, 2 dB a quarter more latent error. Tighter, the test would
+    fail on rounding; looser, it would pass a default that no longer skips what README says."""
     [point] = fidelity.cache_curve([node_default_threshold()], SEEDS, CONDITIONS, model=shapes_model, references=references)
     print(f"threshold {point.threshold}: skipped {100 * point.skipped_fraction:.1f} % of {fidelity.STEPS} steps, "
           f"PSNR mean {point.mean_psnr:.1f} dB / min {point.min_psnr:.1f} dB, SSIM {point.mean_ssim:.4f} "
           f"over {point.cases} cases")
-    assert point.cases >= 4
-    assert point.skipped_fraction >= 0.35
-    assert point.mean_psnr >= 30.0
+    assert point.cases == 16
+    assert point.skipped_fraction >= 0.60
+    assert point.mean_psnr >= 46.0
+    assert point.mean_ssim >= 0.995
 
 
 def test_block_cache_default_skips_more_steps_than_first_block_caches_at_no_lower_psnr(shapes_model, references):
@@ -153,20 +161,27 @@ def test_a_cache_blind_to_change_fails_the_bar(shapes_model, references, monkeyp
     assert point.mean_psnr < 30.0, f"a blind cache scored {point.mean_psnr:.1f} dB"
 
 
-def test_fp8_keeps_the_trained_models_pictures_with_under_half_of_core_fp8s_error(shapes_model):
-    """FP8 Dynamic Quantize's tensor-core math (torch._scaled_mm on the CPU) against core fp8_e4m3fn_fast,
-    both against the bf16 model, on held-out seeds (bench/fidelity/fp8.py has the full table)."""
-    import comfy.ops
+def test_fp8_leaves_under_a_quarter_of_core_fp8s_error_and_stays_within_half_a_db_of_bf16_from_fp32(shapes_model):
+    """FP8 Dynamic Quantize's tensor-core math (torch._scaled_mm on the CPU) beside core fp8_e4m3fn_fast, both
+    on the bf16 model, against bf16's and fp32's samples on held-out seeds (bench/fidelity/fp8.py has the
+    full table: docs/FIDELITY-FP8.md).
 
+    Measured here on the CPU of 2026-12-05: the pack 51.2 dB from bf16 (SSIM 0.9988), core 37.5 dB, 0.21x
+    core's error; from fp32 bf16 is 33.1 dB, the pack 33.0 dB, core 30.7 dB (0.77x). The bounds leave about
+    2 dB, and 0.8 dB of the error ratio against fp32, for rounding that differs on another CPU; the quarter
+    and the half dB are what docs and README claim."""
     from bench.fidelity import fp8 as fp8_fidelity
 
     cases = fidelity.cases_of(CONDITIONS[:3], SEEDS)
-    bf16 = fp8_fidelity.shapes_model_as(shapes_model, torch.bfloat16, None)
-    references = fp8_fidelity.sample_all(bf16, cases, shapes_model.world, fidelity.STEPS)
-    pack = fp8_fidelity.compare(fp8_fidelity.sample_all(fp8_fidelity.pack_fp8(bf16), cases, shapes_model.world,
-                                                        fidelity.STEPS, fp8_tensor_cores=True), references)
-    core_model = fp8_fidelity.shapes_model_as(shapes_model, torch.float8_e4m3fn, torch.bfloat16, comfy.ops.fp8_ops)
-    core = fp8_fidelity.compare(fp8_fidelity.sample_all(core_model, cases, shapes_model.world, fidelity.STEPS), references)
-    assert pack["min_psnr"] > 45.0 and pack["mean_ssim"] > 0.995
-    # Half the root-mean-square error is 6 dB more PSNR.
-    assert pack["mean_psnr"] > core["mean_psnr"] + 20 * math.log10(2), (pack, core)
+    results = fp8_fidelity.measure(shapes_model, cases, fidelity.STEPS,
+                                   variants=(fp8_fidelity.PACK_TENSOR_CORES, fp8_fidelity.CORE_FP8_FAST))
+    pack = results["variants"][fp8_fidelity.PACK_TENSOR_CORES]
+    bf16_from_fp32 = results["variants"][fp8_fidelity.BF16]["vs_fp32"]
+    error_ratio = results["pack_to_core_error"]
+    print({name: {reference: metrics["mean_psnr_db"] for reference, metrics in against.items()}
+           for name, against in results["variants"].items()}, results["pack_to_core_error"], results["core_fp8_layer_calls"])
+    assert results["core_fp8_layer_calls"]["weight_only"] == 0, "core's fp8_ops fell back to weight-only: not fp8_e4m3fn_fast's W8A8"
+    assert pack["vs_bf16"]["mean_psnr_db"] >= 49.0 and pack["vs_bf16"]["mean_ssim"] >= 0.998
+    assert error_ratio["vs_bf16"] <= 0.25
+    assert pack["vs_fp32"]["mean_psnr_db"] >= bf16_from_fp32["mean_psnr_db"] - 0.5
+    assert error_ratio["vs_fp32"] <= 0.85

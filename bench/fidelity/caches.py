@@ -530,8 +530,8 @@ def render_docs(points, model: ShapesModel, command, recognition, conditions, se
     else:
         lines.append(f"**{recommended:.2f}**: of the qualifying thresholds ({', '.join(qualifying)}), the one that "
                      f"skips most, preferring FLUX.1-dev's usual range {FLUX_DEV_PRACTICE[0]}-{FLUX_DEV_PRACTICE[1]} "
-                     "when a threshold there qualifies. tests/test_fidelity.py asserts the criterion at the node's "
-                     "default, on seeds held out from this table.")
+                     "when a threshold there qualifies. tests/test_fidelity.py holds the node's default to what this "
+                     "table measures for it, less a margin, on seeds held out from this table.")
     if block_points:
         [reference] = [p for p in points if p.threshold == node_default_threshold()] or [None]
         lines += [""] + (block_cache_section(block_points, reference, results_name) if reference is not None else
@@ -567,12 +567,21 @@ def node_default_threshold():
     return threshold
 
 
-def results_json(points, block_points, calibrations, model: ShapesModel, command, conditions, seeds, steps):
+def dated_results_name(measurement):
+    """The raw JSON's file name in docs/results: today's date, the device type and what was measured."""
+    import comfy.model_management
+
+    device_type = comfy.model_management.get_torch_device().type
+    return f"{datetime.date.today().isoformat()}-{device_type}-{measurement}-trained-tiny-flux.json"
+
+
+def results_json(points, block_points, calibrations, model: ShapesModel, command, conditions, seeds, steps,
+                 pack_dir=PACK_DIR):
     reference = next(p for p in points if p.threshold == node_default_threshold())
     default = recommended_block_cache(block_points, reference)
     as_faithful, as_fast = bar_check(block_points, reference)
     return {
-        "command": command, "device": device_description(), "model": model.describe(),
+        "command": command, "device": device_description(), "pack": pack_revision(pack_dir), "model": model.describe(),
         "cases": {"prompts": [c.prompt() for c in conditions], "seeds": list(seeds), "steps": steps},
         "first_block_cache": [p.as_json() for p in points],
         "block_cache": [p.as_json() for p in block_points],
@@ -618,12 +627,12 @@ def main(argv=None):
                                                                        references, log=print)
     if args.write_docs:
         command = ("python -m bench.fidelity.caches " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-        results_name = f"{datetime.date.today().isoformat()}-cpu-cache-fidelity-trained-tiny-flux.json"
+        results_name = dated_results_name("cache-fidelity")
         if block_points:
             os.makedirs(RESULTS_DIR, exist_ok=True)
             with open(os.path.join(RESULTS_DIR, results_name), "w") as f:
                 json.dump(results_json(points, block_points, calibrations, model, command, conditions, args.seeds,
-                                       args.steps), f, indent=1)
+                                       args.steps, args.pack), f, indent=1)
         text = render_docs(points, model, command, recognition, conditions, args.seeds, args.steps,
                            time.time() - started, args.pack, block_points, results_name, calibrations)
         os.makedirs(os.path.dirname(DOCS_PATH), exist_ok=True)
