@@ -27,7 +27,8 @@ import fidelity  # noqa: E402
 from cache_reports import CacheReportRecorder  # noqa: E402
 from train_tiny_flux import Condition  # noqa: E402
 
-PROMPTS = (Condition("circle", "red", "left"), Condition("square", "blue", "center"), Condition("bar", "yellow", "right"))
+PROMPTS = (Condition("circle", "red", "left"), Condition("square", "blue", "center"),
+           Condition("bar", "yellow", "right"))
 SEED = 0
 RUNS = 5
 
@@ -72,8 +73,8 @@ def main():
     default = fidelity.CacheSetting(threshold=default_threshold())
     cached = default.applied_to(model.patcher)
     print(f"[demo] {model.describe()}")
-    print(f"[demo] ComfyUI {comfyui_version.__version__}'s KSampler node, Euler, {fidelity.STEPS} steps, seed {SEED}, on {fidelity.device_description()}; "
-          f"Apply First Block Cache at its default threshold {default.threshold}")
+    print(f"[demo] ComfyUI {comfyui_version.__version__}'s KSampler node, Euler, {fidelity.STEPS} steps, seed {SEED}, "
+          f"on {fidelity.device_description()}; Apply First Block Cache at its default threshold {default.threshold}")
     fidelity.ksample(model.patcher, PROMPTS[0], SEED, model.world, steps=2)  # first call's one-off costs
     for condition in PROMPTS:
         reference, latent, uncached_s, cached_s, report_lines = compare(model.patcher, cached, condition, model.world)
