@@ -9,8 +9,9 @@ FLUX would show little: its first block's residual moves so much between steps t
 threshold reuses none of them.
 
 For each prompt: the steps the cache reused (the pack's own report line), the time of the run without
-and with the node (the fastest of RUNS: other work on the machine only ever adds time), and the PSNR of the cached latent against the uncached one (peak =
-the uncached latent's range, as docs/FIDELITY.md measures; no VAE is involved).
+and with the node (the fastest of RUNS: other work on the machine only ever adds time), and the PSNR
+of the cached latent against the uncached one (peak = the uncached latent's range, as docs/FIDELITY.md
+measures; no VAE is involved).
 
 Run by `bash scripts/setup_host.sh`; on its own:
     COMFYUI_DIR=.host/ComfyUI .host/venv/bin/python scripts/demo.py
