@@ -1,48 +1,85 @@
-"""Demo: the real ComfyUI server samples the generated test FLUX with and without First Block Cache.
+"""Demo: Apply First Block Cache at its default threshold on a trained FLUX, through ComfyUI's KSampler node.
 
-Prints what the pack's nodes did (as shown on the sampler node in the graph editor) and timings.
-Run by `bash scripts/setup_host.sh`; on its own: `.host/venv/bin/python -m bench.demo`.
+The model is tests/assets/tiny_flux_shapes.safetensors (bench/fidelity/train_tiny_flux.py): a small FLUX of
+ComfyUI's own classes, trained to draw the shape, colour and position its prompt asks for, in a real
+ModelPatcher, sampled in this process by ComfyUI's KSampler node (the route bench/fidelity/caches.py
+measures; ComfyUI's UNETLoader cannot load it: its detection fixes FLUX's heads at 128 wide, this
+model's are 16, and its prompts come from its own word table, not a text encoder). A random-weight
+FLUX would show little: its first block's residual moves so much between steps that the default
+threshold reuses none of them.
+
+For each prompt: the steps the cache reused (the pack's own report line), the time of the run without
+and with the node (the fastest of RUNS: other work on the machine only ever adds time), and the PSNR
+of the cached latent against the uncached one (peak = the uncached latent's range, as docs/FIDELITY.md
+measures; no VAE is involved).
+
+Run by `bash scripts/setup_host.sh`; on its own:
+    COMFYUI_DIR=.host/ComfyUI .host/venv/bin/python -m bench.demo      (from the repository root)
 """
+import logging
 import os
-import sys
 import time
 
-from tests.support.api_workflows import text_to_image
-from tests.support.comfy_server import ComfyServer
+from bench.fidelity import caches as fidelity
+from bench.fidelity.train_tiny_flux import Condition
+from tests.support.cache_reports import CacheReportRecorder
 
-STEPS = 12
+PROMPTS = (Condition("circle", "red", "left"), Condition("square", "blue", "center"),
+           Condition("bar", "yellow", "right"))
+SEED = 0
+RUNS = 5
 
 
-def first_block_cache(threshold):
-    return ("FluxAccelFirstBlockCache", {
-        "residual_diff_threshold": threshold, "start_percent": 0.0, "end_percent": 1.0, "max_consecutive_hits": 0})
+def timed_sample(patcher, condition, world):
+    """(the latent, seconds, the pack's report lines) of one KSampler run."""
+    with CacheReportRecorder() as recorder:
+        started = time.perf_counter()
+        latent = fidelity.ksample(patcher, condition, SEED, world)
+        seconds = time.perf_counter() - started
+    return latent, seconds, recorder.report_lines
 
 
-def timed_run(server, title, workflow):
-    started = time.perf_counter()
-    entry, texts = server.run_showing_node_texts(workflow)
-    seconds = time.perf_counter() - started
-    [image] = entry["outputs"]["save"]["images"]
-    print(f"[demo] {title}: {seconds:.1f} s, image output/{image['filename']}")
-    for node_id, node_texts in texts.items():
-        for line in node_texts[-1].splitlines():  # the editor shows a node's latest text
-            print(f"[demo]   shown on node '{node_id}': {line}")
+def compare(uncached, cached, condition, world):
+    """(uncached latent, cached latent, fastest seconds of each, the cached run's report lines). The runs
+    alternate, so that load from other processes on the machine falls on both alike."""
+    uncached_seconds, cached_seconds = [], []
+    for _ in range(RUNS):
+        reference, seconds, _ = timed_sample(uncached, condition, world)
+        uncached_seconds.append(seconds)
+        latent, seconds, report_lines = timed_sample(cached, condition, world)
+        cached_seconds.append(seconds)
+    return reference, latent, min(uncached_seconds), min(cached_seconds), report_lines
+
+
+def default_threshold():
+    from fluxaccel.nodes.first_block_cache import ApplyFirstBlockCache
+
+    return next(i.default for i in ApplyFirstBlockCache.define_schema().inputs if i.id == "residual_diff_threshold")
 
 
 def main():
-    comfyui_dir = os.environ["COMFYUI_DIR"]
-    print(f"[demo] starting ComfyUI at {comfyui_dir}")
-    with ComfyServer(comfyui_dir, python=sys.executable) as server:
-        print(f"[demo] ComfyUI {server.get('/system_stats')['system']['comfyui_version']} on {server.url}; "
-              f"FLUX test model (hidden 3072, 1 double + 1 single block, random weights), 128x128, {STEPS} steps")
-        # The first run also loads the models; it is shown apart so the two timed runs compare.
-        timed_run(server, "warm-up (loads the models)", text_to_image(output="image", steps=2))
-        timed_run(server, "ComfyUI alone", text_to_image(output="image", steps=STEPS))
-        # Random weights move the first block's residual far more between steps than trained ones
-        # (docs/FIDELITY.md has the trained-model curve), so the default 0.12 reuses little here.
-        for threshold in (0.12, 1.0):
-            timed_run(server, f"with Apply First Block Cache ({threshold})",
-                      text_to_image([first_block_cache(threshold)], output="image", steps=STEPS))
+    fidelity.setup_comfyui(os.environ["COMFYUI_DIR"])
+    import comfy.utils
+    import comfyui_version
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    # ComfyUI's log would repeat each report line that the demo prints beside its run.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)
+    model = fidelity.load_shapes_model()
+    default = fidelity.CacheSetting(threshold=default_threshold())
+    cached = default.applied_to(model.patcher)
+    print(f"[demo] {model.describe()}")
+    print(f"[demo] ComfyUI {comfyui_version.__version__}'s KSampler node, Euler, {fidelity.STEPS} steps, seed {SEED}, "
+          f"on {fidelity.device_description()}; Apply First Block Cache at its default threshold {default.threshold}")
+    fidelity.ksample(model.patcher, PROMPTS[0], SEED, model.world, steps=2)  # first call's one-off costs
+    for condition in PROMPTS:
+        reference, latent, uncached_s, cached_s, report_lines = compare(model.patcher, cached, condition, model.world)
+        print(f"[demo] \"{condition.prompt()}\": without the node {uncached_s:.2f} s, with it {cached_s:.2f} s "
+              f"({uncached_s / cached_s:.2f}x); cached latent {fidelity.psnr(latent, reference):.1f} dB PSNR "
+              f"from the uncached one")
+        for line in report_lines:
+            print(f"[demo]   the pack reports: {line}")
 
 
 if __name__ == "__main__":

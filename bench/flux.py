@@ -427,13 +427,15 @@ def main():
     flux_fixtures.use_comfyui(args.comfyui)
     flux_fixtures.import_pack()
     import comfy.utils
+    import comfyui_version
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     shape, config = model_shape(args)
     report = {
         "model": args.model, "tiny": args.tiny,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__, "steps": args.steps, "blocks": [shape.depth, shape.depth_single_blocks],
+        "torch": torch.__version__, "comfyui": comfyui_version.__version__,
+        "steps": args.steps, "blocks": [shape.depth, shape.depth_single_blocks],
         "unet_config": config,
         "parameters_b": round(sum(p.numel() for p in meta_model(config).parameters()) / 1e9, 3),
         "text_tokens": TEXT_TOKENS, "rows": [],

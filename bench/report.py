@@ -1,6 +1,7 @@
 """The report both benchmarks write (bench_flux.py in ComfyUI, bench_seed_anchor.py outside it).
 
-A report is the caller's metadata (at least "steps"), a "rows" list and, computed here from the rows,
+A report is the caller's metadata (at least "steps"; bench_flux.py adds "comfyui", the ComfyUI version,
+which bench/results_table.py shows), a "rows" list and, computed here from the rows,
 "fbc_step_costs". Each row is one variant at one resolution: "variant", "resolution", then either
 the timings (median_s, times_s, first_run_s, peak_vram_gb, steps_reused, rel_error_vs_first_variant,
 and where Compile FLUX ran, graphs_compiled [in the warm-up run, in the timed runs] and the sweep's

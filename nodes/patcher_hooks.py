@@ -47,7 +47,7 @@ def keep_conds_on_device(model_patcher):
     to finish all the work queued before it, so each step started with an empty GPU queue, idle
     while the host issued the step's first kernels. With the conditioning already on the device,
     ComfyUI's per-step cast is a no-op: 28 steps of compiled FP8 FLUX.1-dev on an H200 took 2.77 s,
-    against 2.81-3.31 s before, depending on the host's speed (docs/BENCHMARKS.md).
+    against 2.81-3.31 s before, depending on the host's speed (docs/LAB-NOTEBOOK.md).
     """
     set_wrapper(model_patcher, comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, CONDS_ON_DEVICE_KEY,
                 sample_with_conds_on_device)

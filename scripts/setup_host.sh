@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes a real ComfyUI host (0.30.0 unless COMFYUI_VERSION says otherwise) for developing and testing this pack, then runs the demo
-# workflow on the generated tiny FLUX model (pass --no-demo to skip it). Idempotent: a second run
+# (bench/demo.py: First Block Cache on the trained tiny FLUX of tests/assets; pass --no-demo to skip it). Idempotent: a second run
 # only re-links the pack and checks that every step is still in place.
 #
 # Environment:

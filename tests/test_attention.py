@@ -1,7 +1,7 @@
 """FLUX Attention Backend through ComfyUI's real attention call, ModelPatcher and KSampler (CPU).
 
 On the CPU every backend order reaches the same SDPA kernel, so the node must reproduce ComfyUI's own
-SDPA attention exactly; which kernel a GPU picks is measured in docs/BENCHMARKS.md.
+SDPA attention exactly; which kernel a GPU picks is measured in docs/LAB-NOTEBOOK.md.
 """
 import pytest
 import torch

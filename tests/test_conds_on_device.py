@@ -1,7 +1,7 @@
 """The conditioning moved to the model's device once per sampling run (ComfyUI's real conds, guider, KSampler).
 
 On a GPU this removes the per-step copy from pageable CPU memory that made every step wait for the
-previous one (measured in docs/BENCHMARKS.md); the CPU has one device, so here the tests check what
+previous one (measured in docs/LAB-NOTEBOOK.md); the CPU has one device, so here the tests check what
 is moved where, that sampling gives the same result and that the run's own conds are put back.
 """
 import pytest

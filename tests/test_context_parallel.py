@@ -353,6 +353,13 @@ def test_bad_settings_get_a_clear_error(settings, message):
         across(tiny_flux_patcher(), **settings)
 
 
+@pytest.mark.skipif(not ON_GPUS, reason="a CPU-only ComfyUI runs the ranks as processes, capped by its cores")
+def test_more_gpus_than_visible_get_a_clear_error():
+    visible = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"{visible + 1} GPUs asked for, {visible} visible to ComfyUI"):
+        across(tiny_flux_patcher(), visible + 1, ulysses_degree=1, ring_degree=visible + 1)
+
+
 @pytest.mark.skipif(ON_GPUS, reason="the limits of CPU processes")
 def test_more_cpu_processes_than_cores_get_a_clear_error(monkeypatch):
     """Up to one process per core, or 4 on a smaller machine (CI's 2 cores run the 4-rank tests)."""

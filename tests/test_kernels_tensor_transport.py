@@ -62,10 +62,11 @@ def test_an_fp8_quantized_tensor_travels_as_its_parts_and_dequantizes_alike():
 def test_broadcast_between_two_processes_over_gloo(tmp_path):
     """The GPU path (process-group broadcast in buckets), run by two CPU processes with gloo."""
     script = tmp_path / "transport.py"
+    transport_file = os.path.join(PACK_DIR, "kernels", "context_parallel", "tensor_transport.py")
     script.write_text(textwrap.dedent(f"""
         import datetime, importlib.util, os, sys
         import torch, torch.distributed as dist
-        spec = importlib.util.spec_from_file_location("transport", {os.path.join(PACK_DIR, "kernels", "context_parallel", "tensor_transport.py")!r})
+        spec = importlib.util.spec_from_file_location("transport", {transport_file!r})
         transport = importlib.util.module_from_spec(spec); spec.loader.exec_module(transport)
         transport.BUCKET_BYTES = 64  # several buckets even for these small tensors
         rank = int(sys.argv[1])

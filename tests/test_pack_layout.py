@@ -72,6 +72,17 @@ def test_registry_metadata_is_complete():
     assert "GNU GENERAL PUBLIC LICENSE" in head and "Version 3" in head, "ComfyUI's license, GPL-3.0"
 
 
+def test_requirements_txt_and_pyproject_list_the_same_dependencies():
+    """ComfyUI Manager installs requirements.txt; the Comfy Registry and pip read pyproject.toml."""
+    with open(os.path.join(PACK_DIR, "pyproject.toml"), "rb") as f:
+        declared = tomllib.load(f)["project"]["dependencies"]
+    with open(os.path.join(PACK_DIR, "requirements.txt")) as f:
+        listed = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    assert sorted(listed) == sorted(declared)
+    assert not [name for name in listed if re.match(r"(torch|torchvision|torchaudio|torchsde)\b", name)], \
+        "ComfyUI Manager skips these: ComfyUI brings them"
+
+
 # ComfyUI's extension points, which nodes/ may use directly; every other ComfyUI detail goes through
 # nodes/comfy_contract.py, where each is a touchpoint with its canary test.
 EXTENSION_POINT_MODULES = {"comfy_api.latest", "comfy_api.torch_helpers", "comfy.patcher_extension",

@@ -9,7 +9,7 @@ from PIL import Image
 
 from tests.support.api_workflows import MODEL_FILE_INPUTS, runnable_on_test_host, text_to_image
 from tests.support.comfy_server import PromptFailed
-from conftest import COMFYUI_DIR
+from conftest import COMFYUI_DIR, cpu_machine_only
 
 pytestmark = pytest.mark.server
 
@@ -98,6 +98,7 @@ def test_compile_alone_serves_a_second_and_third_size(comfy_server):
         assert run_reports(texts["sampler"])[0] == ["Compile FLUX"], texts["sampler"]
 
 
+@cpu_machine_only  # the FP8 line of a machine without FP8 tensor cores
 def test_fp8_compile_and_cache_stack_through_the_real_loader(comfy_server):
     """The whole stack on the loader-detected test FLUX: the FP8 node reports on itself, the others on the sampler."""
     _, texts = comfy_server.run_showing_node_texts(text_to_image([FP8_NODE, COMPILE_NODE, ATTENTION_NODE, FBC_NODE],
@@ -226,6 +227,7 @@ def context_parallel_workers(comfy_server):
             if any(part.endswith(os.path.join("context_parallel", "worker.py")) for part in child.cmdline())]
 
 
+@cpu_machine_only  # the ranks are processes there; on GPUs the line counts GPUs
 def test_context_parallel_stack_reports_on_the_sampler_node_and_keeps_its_workers(comfy_server):
     stack = [FP8_NODE, COMPILE_NODE, FBC_NODE, CONTEXT_PARALLEL_NODE]
     _, texts = comfy_server.run_showing_node_texts(text_to_image(stack, steps=4, seed=15))

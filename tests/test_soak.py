@@ -1,8 +1,9 @@
 """Back-to-back prompts through the real server with every node in use: nothing grows, nothing goes stale.
 
-Two models, two LoRA strengths, two First Block Cache thresholds and two resolutions: 8
-combinations, each run once per round, in one process and again with Context Parallel last (two
-ranks: its worker gets each model, LoRA strength and setting in turn). Later rounds must reproduce
+Two models (two files of the test FLUX with different weights), two LoRA strengths, two First Block
+Cache thresholds and two resolutions: 8 combinations, each run once per round, in one process and
+again with Context Parallel last (two ranks: its worker gets each model, LoRA strength and setting in
+turn). Later rounds must reproduce
 the reference round's latents exactly, and use no more memory (processes, and on a GPU the memory
 torch holds there), threads or processes than the first left. The reference is the first round on
 the CPU, where a fresh server's first prompt and a later one agree bit for bit. On a GPU it is the
@@ -22,7 +23,7 @@ import torch
 
 from tests.support.api_workflows import text_to_image
 from conftest import COMFYUI_DIR
-from tests.support.flux_fixtures import TEST_LORA_FILE, TEST_UNET_FILE, TEST_UNET_SECOND_NAME
+from tests.support.flux_fixtures import TEST_LORA_FILE, TEST_UNET_FILE, TEST_UNET_OTHER_WEIGHTS_FILE
 from test_server import CONTEXT_PARALLEL_NODE
 
 pytestmark = pytest.mark.server
@@ -37,7 +38,7 @@ GPU_MEMORY_GROWTH_BOUND_MB = 256
 
 
 def soak_workflow(index, context_parallel=False):
-    model = (TEST_UNET_FILE, TEST_UNET_SECOND_NAME)[index % 2]
+    model = (TEST_UNET_FILE, TEST_UNET_OTHER_WEIGHTS_FILE)[index % 2]
     strength, size = ((0.5, 128), (1.0, 160))[(index // 2) % 2]
     threshold = (0.3, 0.6)[(index // 4) % 2]
     nodes = [
@@ -50,7 +51,8 @@ def soak_workflow(index, context_parallel=False):
     ]
     if context_parallel:
         nodes.append(CONTEXT_PARALLEL_NODE)
-    return text_to_image(nodes, width=size, height=size, steps=4, seed=index % 8, unet_name=model)
+    # Prompts 2k and 2k + 1 differ in the model alone.
+    return text_to_image(nodes, width=size, height=size, steps=4, seed=index // 2, unet_name=model)
 
 
 def saved_latent(entry):
@@ -86,6 +88,7 @@ def test_back_to_back_prompts_reproduce_and_leak_nothing(comfy_server, context_p
     for index in range(reference + COMBINATIONS, len(latents)):
         assert torch.equal(latents[index], latents[reference + index % COMBINATIONS]), f"prompt {index} changed"
     assert len({latent.shape for latent in latents}) == 2 and not torch.equal(latents[0], latents[2])
+    assert not torch.equal(latents[0], latents[1]), "the two models' files drew the same picture"
     assert last["rss_mb"] - first["rss_mb"] < RSS_GROWTH_BOUND_MB, footprints
     assert last["torch_device_memory_mb"] - first["torch_device_memory_mb"] < GPU_MEMORY_GROWTH_BOUND_MB, footprints
     assert last["threads"] <= first["threads"] and last["children"] <= first["children"], footprints

@@ -4,7 +4,7 @@ Compiled FP8 FLUX.1-dev issues about 1,300 kernels per step. Launched one by one
 busy only while the host stays ahead; a host slowed by anything else running (or by Python in the
 call) leaves it idle. A CUDA graph launches the call's kernels at once: on an H200 whose host was
 disturbed, 28 steps took 2.69 s launched one by one and 2.415 s replayed, the same latent bit for
-bit (docs/BENCHMARKS.md).
+bit (docs/LAB-NOTEBOOK.md).
 
 A graph replays the GPU work of the call it captured: host code in the call ran once, at capture.
 So a call is replayed only when what its host code decides from is the same as at capture: the

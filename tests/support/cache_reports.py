@@ -39,11 +39,13 @@ def parse_compile_report(text):
 class CacheReportRecorder(logging.Handler):
     """Collects the reports logged while it is attached to the root logger (`with CacheReportRecorder() as r`):
     `reports` from the cache nodes, `calibrated_thresholds` from Block Cache's quality targets,
-    `graphs_compiled` and `cuda_graphs` from Compile FLUX, one entry per sampling run."""
+    `graphs_compiled` and `cuda_graphs` from Compile FLUX, one entry per sampling run; `report_lines`, the
+    cache nodes' report lines as the sampler node shows them."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.reports = []
+        self.report_lines = []
         self.calibrated_thresholds = []
         self.graphs_compiled = []
         self.cuda_graphs = []
@@ -54,6 +56,7 @@ class CacheReportRecorder(logging.Handler):
         report = parse_cache_report(message)
         if report is not None:
             self.reports.append(report)
+            self.report_lines.append(message)
         threshold = parse_calibrated_threshold(message)
         if threshold is not None:
             self.calibrated_thresholds.append(threshold)

@@ -5,10 +5,11 @@ Two kinds:
   `TINY_FAMILY`) built directly from ComfyUI's supported-model and model classes, wrapped in a real
   ModelPatcher.
 - `write_test_model_files`: safetensors files that ComfyUI's own loaders detect (UNETLoader sees a
-  FLUX with hidden 3072 and one double + one single block, and a FLUX.2 of hidden 256; CLIPLoader a
-  CLIP-L; VAELoader the FLUX and FLUX.2 autoencoders; LoraLoaderModelOnly a LoRA for that FLUX), so
-  end-to-end workflows run through the real loaders. Both diffusion models take CLIP-L's 768-wide
-  text states (ComfyUI reads `context_in_dim` from the weights): no T5-XXL or Mistral is needed.
+  FLUX with hidden 3072 and one double + one single block, in two files with different weights, and a
+  FLUX.2 of hidden 256; CLIPLoader a CLIP-L; VAELoader the FLUX and FLUX.2 autoencoders;
+  LoraLoaderModelOnly a LoRA for that FLUX), so end-to-end workflows run through the real loaders.
+  The diffusion models take CLIP-L's 768-wide text states (ComfyUI reads `context_in_dim` from the
+  weights): no T5-XXL or Mistral is needed.
 
 Run as a script with the ComfyUI folder as argument to write the files (skips existing ones).
 """
@@ -21,8 +22,9 @@ TEST_UNET_FILE = "fluxaccel-test-flux.safetensors"
 TEST_CLIP_FILE = "fluxaccel-test-clip-l.safetensors"
 TEST_VAE_FILE = "fluxaccel-test-ae.safetensors"
 TEST_LORA_FILE = "fluxaccel-test-flux-lora.safetensors"
-# The test FLUX under a second name: ComfyUI loads it as a second model (the soak test alternates).
-TEST_UNET_SECOND_NAME = "fluxaccel-test-flux-second.safetensors"
+# The test FLUX's layout with weights of another seed: a second model, whose pictures differ from the
+# first's (the soak test alternates the two).
+TEST_UNET_OTHER_WEIGHTS_FILE = "fluxaccel-test-flux-other-weights.safetensors"
 
 WEIGHT_STD = 0.02
 # This checkout of the pack: tests/support/ lies two folders below it.
@@ -233,6 +235,7 @@ def write_test_model_files(comfyui_dir):
 
     targets = [
         ("diffusion_models", TEST_UNET_FILE, detectable_flux_state_dict),
+        ("diffusion_models", TEST_UNET_OTHER_WEIGHTS_FILE, lambda: detectable_flux_state_dict(seed=6)),
         ("text_encoders", TEST_CLIP_FILE, clip_l_state_dict),
         ("vae", TEST_VAE_FILE, flux_vae_state_dict),
         ("loras", TEST_LORA_FILE, detectable_flux_lora_state_dict),
@@ -248,9 +251,6 @@ def write_test_model_files(comfyui_dir):
         safetensors.torch.save_file(state_dict, path + ".partial")
         os.replace(path + ".partial", path)
         print(f"[setup] wrote test model {path}")
-    second = os.path.join(comfyui_dir, "models", "diffusion_models", TEST_UNET_SECOND_NAME)
-    if not os.path.lexists(second):
-        os.symlink(TEST_UNET_FILE, second)
 
 
 # A FLUX.2 that UNETLoader detects as FLUX.2 (comfy.supported_models.Flux2), and a FLUX.2 autoencoder
