@@ -156,7 +156,12 @@ def across(model, gpus=2):
     return ContextParallel.execute(model, gpus, 0, 1, 0, False, "this machine").result[0]
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs 2 GPUs here")
+# Two ranks: CPU processes on a machine without a GPU, two GPUs where ComfyUI has them.
+needs_two_ranks = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                                     reason="needs 2 GPUs here")
+
+
+@needs_two_ranks
 @pytest.mark.parametrize("name", [name for name in MODELS if name != "Chroma"])
 def test_context_parallel_gives_the_single_process_output(name):
     model = model_of(name)
@@ -172,6 +177,7 @@ def test_context_parallel_refuses_chroma_naming_what_it_supports():
         across(model_of("Chroma"))
 
 
+@needs_two_ranks
 @pytest.mark.parametrize("method", ["uxo", "index_timestep_zero"])
 def test_context_parallel_refuses_reference_placements_that_depend_on_the_image_size(method):
     name = "FLUX.1 Kontext"
