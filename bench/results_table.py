@@ -47,6 +47,7 @@ README_VARIANTS = (
     "core-bf16+fluxaccel-compile", "fbc-alternate",
     "core-bf16+fluxaccel-fp8+fluxaccel-compile+fluxaccel-attention",
     "fbc-alternate+fluxaccel-fp8+fluxaccel-compile+fluxaccel-attention",
+    "bc-every4+fluxaccel-fp8+fluxaccel-compile+fluxaccel-attention",
     "core-bf16+fluxaccel-fp8+fluxaccel-compile+fluxaccel-attention+fluxaccel-cp2",
 )
 # The shapes of reports that name no model or steps: bench_flux.py's defaults, which it ran before it had
