@@ -6,7 +6,7 @@ import torch
 from tests.support.flux_fixtures import tiny_flux_patcher
 from fluxaccel.nodes.first_block_cache import ApplyBlockCache
 from tests.support.ksampler_helpers import (cache_summaries, conditioning, ksample, relative_error, with_block_cache,
-                              with_cache)
+                                            with_cache)
 
 REUSING_THRESHOLD = 0.8
 ALWAYS_REUSE = 100.0

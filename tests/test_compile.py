@@ -21,8 +21,9 @@ from fluxaccel.nodes.compile import BACKEND_KEY, CUDA_GRAPHS_KEY, CompileFlux, c
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 from tests.support.cache_reports import cuda_graphs_report, parse_compile_report
 from tests.support.flux_fixtures import tiny_flux_patcher
-from tests.support.ksampler_helpers import (assert_replays_as_launched, cache_summaries, conditioning, gpu_like_flux, ksample,
-                              no_room_to_batch, relative_error, tiny_lora, with_block_cache, with_cache, with_lora)
+from tests.support.ksampler_helpers import (assert_replays_as_launched, cache_summaries, conditioning, gpu_like_flux,
+                                            ksample, no_room_to_batch, relative_error, tiny_lora, with_block_cache,
+                                            with_cache, with_lora)
 
 # fp32 on the CPU: inductor's fused kernels reorder sums, nothing more.
 FP32_ROUNDING = 1e-5

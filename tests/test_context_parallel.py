@@ -26,8 +26,8 @@ from fluxaccel.nodes.compile import CompileFlux
 from fluxaccel.nodes.context_parallel.node import ContextParallel
 from conftest import COMFYUI_DIR
 from fluxaccel.nodes.context_parallel.pool import WORKER_SCRIPT, WorkerFailed, rendezvous_port
-from tests.support.ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, tiny_lora,
-                              with_block_cache, with_cache, with_lora)
+from tests.support.ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error,
+                                            tiny_lora, with_block_cache, with_cache, with_lora)
 from test_fp8_quantize import quantized
 
 # fp32 sums in another order across ranks: far below anything visible, far above a wrong shard.

@@ -4,8 +4,8 @@ from PIL import Image
 
 from tests.support.api_workflows import api_with_test_models
 from tests.support.browser import HeadlessChromium
-from tests.support.ui_workflows import (editor_graph_with_test_models, errors_shown, load_editor_graph, open_editor, read_workflow,
-                          without_titles, workflow_names)
+from tests.support.ui_workflows import (editor_graph_with_test_models, errors_shown, load_editor_graph, open_editor,
+                                        read_workflow, without_titles, workflow_names)
 
 pytestmark = pytest.mark.server
 

@@ -19,8 +19,8 @@ from fluxaccel.nodes.attention import FluxAttentionBackend
 from fluxaccel.nodes.compile import CompileFlux
 from fluxaccel.nodes.context_parallel.node import ContextParallel
 from tests.support.cache_reports import parse_compile_report
-from tests.support.ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error, with_block_cache,
-                              with_cache)
+from tests.support.ksampler_helpers import (cache_summaries, conditioning, gpu_like_flux, ksample, relative_error,
+                                            with_block_cache, with_cache)
 from test_fp8_quantize import quantized
 
 # name: (the tiny model's family, the reference latent's channels or None, its config beyond the family's)

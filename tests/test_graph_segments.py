@@ -17,8 +17,9 @@ from fluxaccel.nodes.context_parallel.node import ContextParallel
 from fluxaccel.nodes.first_block_cache import COMPUTE, REUSE
 from conftest import cpu_machine_only
 from tests.support.graph_stand_in import TapeRecorder
-from tests.support.ksampler_helpers import (assert_replays_as_launched, cache_summaries, conditioning, gpu_like_flux, ksample,
-                              no_room_to_batch, tiny_lora, with_block_cache, with_cache, with_lora)
+from tests.support.ksampler_helpers import (assert_replays_as_launched, cache_summaries, conditioning, gpu_like_flux,
+                                            ksample, no_room_to_batch, tiny_lora, with_block_cache, with_cache,
+                                            with_lora)
 from test_compile import cuda_graph_reports, launched_one_by_one as launched, recording_blocks
 
 # Where ComfyUI runs on a GPU the tiny models sample there, where the stand-in records nothing (it records

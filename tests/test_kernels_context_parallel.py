@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fluxaccel.kernels.context_parallel.sharding import (ParallelDegrees, balanced_shares, degrees_problem, pad_tokens,
-                                                shard_references, shard_text, splits_batch, token_shard)
+                                                          shard_references, shard_text, splits_batch, token_shard)
 
 
 def test_balanced_shares_cover_everything_with_counts_one_apart():

@@ -7,8 +7,9 @@ import torch
 
 from conftest import needs_cuda
 from fluxaccel.kernels.compile.cuda_graphs import (CAPTURE, LAUNCH, MAX_GRAPHS, REPLAY, CallCounts, CapturedCalls,
-                                           CapturePlanner, CudaGraphRecorder, GraphOrder, Recording, ReplayedCalls,
-                                           call_signature, host_decision, reset_cuda_random_state, weights_signature)
+                                                   CapturePlanner, CudaGraphRecorder, GraphOrder, Recording,
+                                                   ReplayedCalls, call_signature, host_decision,
+                                                   reset_cuda_random_state, weights_signature)
 from fluxaccel.nodes.fp8_layout import quantize_weight
 from tests.support.graph_stand_in import TapeRecorder
 

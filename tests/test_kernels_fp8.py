@@ -7,9 +7,12 @@ import torch
 
 from fluxaccel.kernels.compile import regional_compile
 from fluxaccel.kernels import triton_support
-from fluxaccel.kernels.fp8 import quantize as fp8
+from fluxaccel.kernels.fp8 import graph_pass, quantize as fp8
 from tests.support.triton_interpreter import (KERNEL_DEVICE, assert_passes_in_tritons_interpreter, needs_kernel_device,
-                                runs_kernel_tests_in_a_child)
+                                              runs_kernel_tests_in_a_child)
+
+# The compile backend with FP8's graph pass, as Compile FLUX hands it over.
+FP8_GRAPH_PASSES = regional_compile.GraphPasses(inductor_options=(graph_pass.inductor_options,))
 
 
 def e4m3_grid():
@@ -302,7 +305,8 @@ def fluxaccel_calls_run_by(function, *arguments):
     read)."""
     from torch._inductor.utils import run_and_get_code
 
-    compiled = torch.compile(function, backend=regional_compile.shared_inductor_backend(), fullgraph=True)
+    compiled = torch.compile(function, backend=regional_compile.shared_inductor_backend(passes=FP8_GRAPH_PASSES),
+                             fullgraph=True)
     with torch._inductor.config.patch(force_disable_caches=True):
         outputs, sources = run_and_get_code(compiled, *arguments)
     return outputs, re.findall(r"torch\.ops\.fluxaccel\.(\w+)\.default\((.*)\)$", "\n".join(sources), re.M)

@@ -5,7 +5,7 @@ import torch
 
 from fluxaccel.kernels.attention import qk_norm_rope, qk_norm_rope_graph_pass, rope
 from tests.support.triton_interpreter import (KERNEL_DEVICE, assert_passes_in_tritons_interpreter, needs_kernel_device,
-                                runs_kernel_tests_in_a_child)
+                                              runs_kernel_tests_in_a_child)
 
 comfy_kitchen = pytest.importorskip("comfy_kitchen", reason="ComfyUI's RoPE op comes from comfy_kitchen")
 

@@ -2,8 +2,8 @@
 shipped workflows (FLUX.1-dev, FLUX.1 Kontext dev, FLUX.2 dev) turned into ones the test host can run."""
 import copy
 
-from tests.support.flux_fixtures import (TEST_CLIP_FILE, TEST_FLUX2_UNET_FILE, TEST_FLUX2_VAE_FILE, TEST_LORA_FILE, TEST_UNET_FILE,
-                           TEST_VAE_FILE)
+from tests.support.flux_fixtures import (TEST_CLIP_FILE, TEST_FLUX2_UNET_FILE, TEST_FLUX2_VAE_FILE, TEST_LORA_FILE,
+                                          TEST_UNET_FILE, TEST_VAE_FILE)
 
 # The model files the workflows name, per loader input, with their model folder.
 MODEL_FILE_INPUTS = {
