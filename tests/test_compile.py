@@ -1,4 +1,5 @@
 """Compile FLUX through ComfyUI's real ModelPatcher and KSampler, compiled by inductor on the CPU."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import folder_paths
 from conftest import COMFYUI_DIR, PACK_DIR, cpu_machine_only, needs_cuda
 from fluxaccel.kernels.attention import qk_norm_rope_graph_pass
 from fluxaccel.kernels.compile.regional_compile import RECOMPILE_LIMIT, compile_cache_folder_for
+from fluxaccel.nodes import compile as compile_node
 from fluxaccel.nodes.compile import BACKEND_KEY, CUDA_GRAPHS_KEY, CompileFlux, compile_cache_folder
 from fluxaccel.nodes.fp8_quantize import FP8DynamicQuantize
 from tests.support.cache_reports import cuda_graphs_report, parse_compile_report
@@ -91,7 +93,10 @@ def test_both_block_graphs_take_their_attention_inputs_from_the_fused_op(monkeyp
         rewrites.append(fuse(graph))
         return rewrites[-1]
 
-    monkeypatch.setattr(qk_norm_rope_graph_pass, "fuse_qk_norm_rope", counted_fuse)
+    # Compile FLUX hands its backend this pass in place of the plain one (a backend of its own: compiles anew).
+    passes = compile_node.FLUX_GRAPH_PASSES
+    monkeypatch.setattr(compile_node, "FLUX_GRAPH_PASSES", dataclasses.replace(
+        passes, before_inductor=((qk_norm_rope_graph_pass.QK_NORM_ROPE_SITES, counted_fuse),)))
     model = gpu_like_flux(hidden_size=80)
     eager = ksample(model)
     assert relative_error(ksample(compiled(model)), eager) < FP32_ROUNDING
