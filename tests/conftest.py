@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+# Before ComfyUI's folder joins the path: ComfyUI has a `tests` package of its own.
 from tests.support import flux_fixtures
 from tests.support.flux_fixtures import PACK_DIR
 

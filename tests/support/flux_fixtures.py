@@ -40,6 +40,10 @@ def use_comfyui(comfyui_dir):
 
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
+    # ComfyUI's nodes.py, imported now that it is first on the path: the pack's own `nodes/` package has its
+    # name, and pytest may later put the repository's root ahead of ComfyUI (it does where the checkout's
+    # folder name is no Python identifier, e.g. comfyui-fluxaccel: it imports the root __init__.py from there).
+    import nodes  # noqa: F401
 
 
 def import_pack(pack_dir=PACK_DIR, name="fluxaccel"):
