@@ -1,6 +1,6 @@
-"""Where a sampling step's GPU time goes: bench_flux.py's variants under torch.profiler, by kernel kind.
+"""Where a sampling step's GPU time goes: bench/flux.py's variants under torch.profiler, by kernel kind.
 
-Each variant is loaded and warmed up as in bench_flux.py (same weights, inputs and variant names),
+Each variant is loaded and warmed up as in bench/flux.py (same weights, inputs and variant names),
 then one whole KSampler run is profiled. Per step it reports the wall time, the time the GPU spent
 in kernels (the rest is the GPU waiting for the host), that time split by kind (matmuls, attention,
 Triton kernels inductor generated, copies, NCCL communication, other), and the heaviest kernels. Under
@@ -39,7 +39,7 @@ def kernel_kind(name):
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_DIR"), help="ComfyUI folder (default $COMFYUI_DIR)")
-    parser.add_argument("--variants", required=True, help="comma list of bench_flux.py variants")
+    parser.add_argument("--variants", required=True, help="comma list of bench/flux.py variants")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--top", type=int, default=15, help="kernels listed per variant")

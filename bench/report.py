@@ -1,11 +1,11 @@
-"""The report both benchmarks write (bench_flux.py in ComfyUI, bench_seed_anchor.py outside it).
+"""The report both benchmarks write (bench/flux.py in ComfyUI, bench/seed_anchor.py outside it).
 
-A report is the caller's metadata (at least "steps"; bench_flux.py adds "comfyui", the ComfyUI version,
+A report is the caller's metadata (at least "steps"; bench/flux.py adds "comfyui", the ComfyUI version,
 which bench/results_table.py shows), a "rows" list and, computed here from the rows,
 "fbc_step_costs". Each row is one variant at one resolution: "variant", "resolution", then either
 the timings (median_s, times_s, first_run_s, peak_vram_gb, steps_reused, rel_error_vs_first_variant,
 and where Compile FLUX ran, graphs_compiled [in the warm-up run, in the timed runs] and the sweep's
-"pass"; bench_flux.py adds "model", and "partially_loaded" where ComfyUI left weights in host memory;
+"pass"; bench/flux.py adds "model", and "partially_loaded" where ComfyUI left weights in host memory;
 speedup_vs_first_variant is added here) or, for a variant that failed, "error". Same rows in both
 scripts, so their JSONs tabulate together.
 """

@@ -37,7 +37,7 @@ README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
 COMFYUI_SYSTEM = "ComfyUI"
 CORE_BASELINE = "core-bf16"
-# ComfyUI's own options in bench_flux.py: "core's fastest" is the quickest of these in a report.
+# ComfyUI's own options in bench/flux.py: "core's fastest" is the quickest of these in a report.
 CORE_VARIANTS = ("core-bf16", "core-fp8fast", "core-bf16+compile", "core-fp8fast+compile")
 # What README's table shows: ComfyUI alone, its fastest option, and the pack's nodes as the shipped
 # workflows chain them (workflows/), at the shapes those workflows sample.
@@ -50,8 +50,8 @@ README_VARIANTS = (
     "bc-every4+fluxaccel-fp8+fluxaccel-compile+fluxaccel-attention",
     "core-bf16+fluxaccel-fp8+fluxaccel-compile+fluxaccel-attention+fluxaccel-cp2",
 )
-# The shapes of reports that name no model or steps: bench_flux.py's defaults, which it ran before it had
-# --model, and bench_seed_anchor.py's only model.
+# The shapes of reports that name no model or steps: bench/flux.py's defaults, which it ran before it had
+# --model, and bench/seed_anchor.py's only model.
 BENCH_FLUX_DEFAULTS = {"model": "flux1-dev", "steps": 28}
 FLUX1_DEV_BLOCKS = [19, 38]
 DATE_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})-")
@@ -69,7 +69,7 @@ class Source:
     date: str
     order: tuple  # sorts reports oldest first
     system: str
-    model: str  # bench_flux.py's --model, "(tiny)" added under --tiny
+    model: str  # bench/flux.py's --model, "(tiny)" added under --tiny
     steps: int
     device: str
     torch: str
@@ -110,7 +110,7 @@ def is_bench_row(row) -> bool:
 
 def report_rows(report):
     """The report's rows: bench_report's "rows" list, or the "results" mapping of variant to row that
-    bench_seed_anchor.py wrote before it shared bench_report.py (the resolution then at the top)."""
+    bench/seed_anchor.py wrote before it shared bench/report.py (the resolution then at the top)."""
     rows = report.get("rows")
     if isinstance(rows, list) and rows and all(is_bench_row(row) for row in rows):
         return rows
@@ -233,7 +233,7 @@ def current_measurements(sources):
 # ---------------------------------------------------------------------------------------------
 # What a variant is
 
-# ComfyUI's own parts of a bench_flux.py variant; a row without any of the pack's parts is ComfyUI alone.
+# ComfyUI's own parts of a bench/flux.py variant; a row without any of the pack's parts is ComfyUI alone.
 CORE_PARTS = {"core-bf16": "bf16 weights", "core-fp8fast": "fp8_e4m3fn_fast weights", "compile": "TorchCompileModel"}
 PACK_PARTS = {
     "fluxaccel-compile": "Compile FLUX",
@@ -266,7 +266,7 @@ def pack_part(part) -> str:
         return f"Context Parallel on {ulysses * ring} GPUs (Ulysses {ulysses} x ring {ring})"
     if match := re.fullmatch(r"fluxaccel-ring(\d+)", part):
         return f"Context Parallel on {match.group(1)} GPUs (ring attention)"
-    raise ValueError(f"no description for bench_flux.py's variant part {part!r}: add it to results_table.py")
+    raise ValueError(f"no description for bench/flux.py's variant part {part!r}: add it to results_table.py")
 
 
 def seed_anchor_part(part) -> str:
@@ -274,11 +274,11 @@ def seed_anchor_part(part) -> str:
         return SEED_ANCHOR_PARTS[part]
     if match := re.fullmatch(r"fbc-([0-9.]+)", part):
         return f"para-attn First Block Cache at threshold {match.group(1)}"
-    raise ValueError(f"no description for bench_seed_anchor.py's variant part {part!r}: add it to results_table.py")
+    raise ValueError(f"no description for bench/seed_anchor.py's variant part {part!r}: add it to results_table.py")
 
 
 def describe(variant, system) -> str:
-    """The variant in words, its parts in bench_flux.py's order; the pack's rows load bf16 weights unless
+    """The variant in words, its parts in bench/flux.py's order; the pack's rows load bf16 weights unless
     they say otherwise."""
     parts = variant.split("+")
     if system != COMFYUI_SYSTEM:

@@ -11,7 +11,7 @@ width 4096, pooled 768, guidance 3.5), random weights in bf16, batch 1, a 28-ste
 flow-matching loop at 1024² (4096 packed image tokens of width 64) with the FLUX.1-dev pipeline's
 sigmas: linspace(1, 1/28, 28) time-shifted with mu = calculate_shift(4096 tokens) = 1.15
 (exponential shift, as FluxPipeline + FlowMatchEulerDiscreteScheduler do), then 0. Only the
-transformer loop is timed: no text encoders, no VAE (bench_flux.py times no encoders either).
+transformer loop is timed: no text encoders, no VAE (bench/flux.py times no encoders either).
 Each variant: a fresh model, one warm-up run (its time is *first run*: includes compilation), then
 `--runs` timed runs (median reported). JSON and markdown are rewritten after every variant and each
 result is printed as soon as it is done, so a run cut off by a time limit still leaves data.
@@ -112,7 +112,7 @@ def build_transformer(config, device, dtype, seed=0):
     """FluxTransformer2DModel with random weights scaled like a trained net's (unit-variance activations).
 
     Built on the meta device and materialized once on `device`, so the 12B parameters are never
-    initialized twice nor held in float32. Randomized as bench_flux.py's weights are (its
+    initialized twice nor held in float32. Randomized as bench/flux.py's weights are (its
     randomize_like_trained). Every variant calls this with the same seed and gets the same weights.
     """
     from diffusers import FluxTransformer2DModel

@@ -1,7 +1,7 @@
 """FP8 error per linear layer and per block against bf16: the pack's FP8 Dynamic Quantize beside
 ComfyUI core's fp8_e4m3fn_fast, on the same weights and the same inputs.
 
-A FLUX.1-dev-shaped model (random weights scaled like a trained net's, see bench_flux.py) is loaded
+A FLUX.1-dev-shaped model (random weights scaled like a trained net's, see bench/flux.py) is loaded
 three times in real ComfyUI: bf16, bf16 under FP8 Dynamic Quantize, and as core loads it for
 fp8_e4m3fn_fast. One bf16 forward at the given resolution (512 text tokens) records every block's
 inputs. Each block then runs on those inputs in the three models (per-block error), and while the

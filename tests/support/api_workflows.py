@@ -1,4 +1,4 @@
-"""API-format workflows: text-to-image on the generated test models (see flux_fixtures.py), and the
+"""API-format workflows: text-to-image on the generated test models (see tests/support/flux_fixtures.py), and the
 shipped workflows (FLUX.1-dev, FLUX.1 Kontext dev, FLUX.2 dev) turned into ones the test host can run."""
 import copy
 
