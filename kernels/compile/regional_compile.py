@@ -6,13 +6,12 @@ every block of a kind. Compiling two graphs instead of a whole model is what mak
 short, and parameters as inputs are why changed weights (a LoRA) need no recompilation.
 """
 import contextlib
-import dataclasses
 import functools
 import inspect
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -157,7 +156,7 @@ def tensors_in(value):
     elif isinstance(value, (tuple, list)):
         for item in value:
             yield from tensors_in(item)
-    elif dataclasses.is_dataclass(value):
+    elif is_dataclass(value):
         for item in vars(value).values():
             yield from tensors_in(item)
 
