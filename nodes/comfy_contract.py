@@ -222,16 +222,18 @@ def quantized_layout_name(qtensor) -> str:
 
 # ---- core's torch.compile wrapper, which Compile FLUX hands the blocks it compiled ----
 
-def set_compiled_modules(model_patcher, compiled_modules: dict):
+def set_compiled_modules(model_patcher, compiled_modules: dict, compile_kwargs: dict):
     """Swaps `compiled_modules` ({model path: module}) in for each model call and back after it: the APPLY_MODEL
-    wrapper of core's `set_torch_compile_wrapper`, under its key (replacing core TorchCompileModel's). Core's
-    function compiles the modules itself, where Compile FLUX hooks its own."""
+    wrapper of core's `set_torch_compile_wrapper`, under its key (replacing core TorchCompileModel's), and the
+    torch.compile arguments where core's function leaves them in model_options. Core's function compiles the
+    modules itself, where Compile FLUX hooks its own."""
     import comfy.patcher_extension
     from comfy_api.torch_helpers import torch_compile
     apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
     model_patcher.remove_wrappers_with_key(apply_model, torch_compile.COMPILE_KEY)
     model_patcher.add_wrapper_with_key(apply_model, torch_compile.COMPILE_KEY,
                                        torch_compile.apply_torch_compile_factory(compiled_modules))
+    model_patcher.model_options[torch_compile.TORCH_COMPILE_KWARGS] = compile_kwargs
 
 
 # ---- comfy_kitchen's RoPE ops, which Compile FLUX decomposes for inductor ----
@@ -380,7 +382,7 @@ def check_helpers():
 
 def check_compile_wrapper():
     from comfy_api.torch_helpers import torch_compile
-    return (attributes_lack(torch_compile, "COMPILE_KEY", "apply_torch_compile_factory")
+    return (attributes_lack(torch_compile, "COMPILE_KEY", "TORCH_COMPILE_KWARGS", "apply_torch_compile_factory")
             or parameters_lack(torch_compile.apply_torch_compile_factory, "compiled_module_dict"))
 
 

@@ -8,7 +8,7 @@ Hook-up, through ComfyUI's own extension points:
   graph inputs, so a new strength needs no recompilation. It replaces core TorchCompileModel's wrapper
   (the same key): one compile per model. The node compiles the blocks itself, to hook them: under
   automatic dynamic shapes, the recompile at a second size is generic in batch and prompt length too
-  (`kernels.regional_compile.SizeGenericRecompile`).
+  (`kernels.compile.regional_compile.SizeGenericRecompile`).
 - an OUTER_SAMPLE wrapper reports, per sampling run, the graphs compiled and the graph breaks met.
 - ComfyUI applies FLUX's RoPE through comfy_kitchen's custom ops, which the compiler cannot see into:
   each call costs its own kernel and, at every block, 0.2-0.4 ms of Python dispatch on the host, which
@@ -346,7 +346,7 @@ class CompileFlux(io.ComfyNode):
         patched = non_dynamic_clone(model, NODE_NAME)
         blocks = {key: patched.get_model_object(key) for key in block_keys(*flux_layout.block_counts(diffusion_model))}
         compiled_blocks = compile_blocks(blocks, backend, flux_layout.VARYING_BLOCK_INPUT_DIMS)
-        comfy_contract.set_compiled_modules(patched, compiled_blocks)
+        comfy_contract.set_compiled_modules(patched, compiled_blocks, {"backend": backend, "dynamic": backend.dynamic})
         patched.model_options[BACKEND_KEY] = backend
         set_wrapper(patched, comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sample_with_compile_report)
         use_cuda_graphs(patched, cuda_graphs)
