@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ...kernels.compile.cuda_graphs import CallCounts, CapturedCalls, CudaGraphRecorder
-from ...kernels.compile.regional_compile import raised_recompile_limit
+from ...kernels.compile.regional_compile import compile_blocks, raised_recompile_limit
 from ...kernels.context_parallel.sharding import ParallelDegrees, RankGroups, make_rank_groups
 from ...kernels.context_parallel.tensor_transport import bucket_sizes, from_slots, receive_tensors, tensor_slots, unpack
 from ...kernels.residual_cache import ResidualCache
@@ -50,9 +50,13 @@ def build_replica(spec: ReplicaSpec, device, receive):
     for name, tensor in buffers.items():
         comfy_contract.set_buffer(diffusion_model, name, tensor)
     if spec.compile_settings is not None:
+        # Compiled as rank 0's blocks are (the same size-generic recompile), and kept in the replica's block
+        # lists: only this worker calls them.
         backend = compile_backend(*spec.compile_settings)
-        for block in list(diffusion_model.double_blocks) + list(diffusion_model.single_blocks):
-            block.compile(backend=backend, dynamic=backend.dynamic)
+        for blocks in (diffusion_model.double_blocks, diffusion_model.single_blocks):
+            compiled = compile_blocks(dict(enumerate(blocks)), backend, flux_layout.VARYING_BLOCK_INPUT_DIMS)
+            for index, block in compiled.items():
+                blocks[index] = block
     return diffusion_model
 
 
