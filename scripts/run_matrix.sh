@@ -36,13 +36,21 @@ matrix_tests=(
     tests/test_server.py::test_fp8_compile_and_cache_stack_through_the_real_loader
 )
 
+# The older releases' hosts reuse the default host's packages (torch and the rest): built first if absent.
+shared_packages="$(
+    unset FLUXACCEL_HOST COMFYUI_PATH FLUXACCEL_PYTHON COMFYUI_VERSION
+    source "$pack_dir/scripts/host_env.sh"
+    bash "$pack_dir/scripts/setup_host.sh" --no-demo >&2
+    "$HOST_PYTHON" -c 'import sysconfig; print(sysconfig.get_path("purelib"))'
+)"
+
 failed=()
 for version in "${versions[@]}"; do
     printf '[matrix] ComfyUI %s\n' "$version"
     # Each release in its own host, whatever host the caller's environment names.
     if ! (
         unset FLUXACCEL_HOST COMFYUI_PATH FLUXACCEL_PYTHON
-        export COMFYUI_VERSION="$version"
+        export COMFYUI_VERSION="$version" FLUXACCEL_SHARED_PACKAGES="$shared_packages"
         source "$pack_dir/scripts/host_env.sh"
         bash "$pack_dir/scripts/setup_host.sh" --no-demo
         cd "$pack_dir"

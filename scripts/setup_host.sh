@@ -10,6 +10,9 @@
 #                    the pack is tested on: scripts/run_matrix.sh).
 #   FLUXACCEL_HOST   where the built host lives (default: <pack>/.host for 0.30.0,
 #                    <pack>/.host-<version> for the others).
+#   FLUXACCEL_SHARED_PACKAGES
+#                    site-packages of another host whose packages a new host reuses (scripts/run_matrix.sh
+#                    names the default host's): the new venv installs only what its ComfyUI asks otherwise.
 set -euo pipefail
 
 pack_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -72,6 +75,15 @@ check_comfyui_version() {
 make_venv() {
     log "creating the host virtual environment in $FLUXACCEL_HOST/venv"
     python3 -m venv "$FLUXACCEL_HOST/venv"
+    if [[ -n "${FLUXACCEL_SHARED_PACKAGES:-}" ]]; then
+        # torch alone fills over 5 GB, three hosts with their own copies filled CI's disk. The shared folder comes
+        # after the venv's own on sys.path (and pip sees what it holds), so a release whose requirements differ
+        # gets its own versions, installed into its own venv, in front.
+        local own_packages
+        own_packages="$("$HOST_PYTHON" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+        printf 'import site; site.addsitedir(%s)\n' "'$FLUXACCEL_SHARED_PACKAGES'" > "$own_packages/fluxaccel-shared-host.pth"
+        log "reusing the packages in $FLUXACCEL_SHARED_PACKAGES"
+    fi
     # These three releases work together on the Python 3.11 CPU machines this project runs on;
     # a CUDA build of torch runs on a CPU too.
     pip_install torch==2.14.1 torchvision==0.29.1
