@@ -40,8 +40,8 @@ matrix_tests=(
 shared_packages="$(
     unset FLUXACCEL_HOST COMFYUI_PATH FLUXACCEL_PYTHON COMFYUI_VERSION
     source "$pack_dir/scripts/host_env.sh"
-    bash "$pack_dir/scripts/setup_host.sh" --no-demo >&2
-    "$HOST_PYTHON" -c 'import sysconfig; print(sysconfig.get_path("purelib"))'
+    bash "$pack_dir/scripts/setup_host.sh" --no-demo >&2 &&
+        "$HOST_PYTHON" -c 'import sysconfig; print(sysconfig.get_path("purelib"))'
 )"
 
 failed=()
