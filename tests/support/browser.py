@@ -16,6 +16,8 @@ import subprocess
 import tempfile
 import time
 
+from tests.support.comfy_server import stop_process
+
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser")
 INSTALL_HINT = "install Debian's chromium (apt-get install chromium) or set FLUXACCEL_CHROMIUM to a Chromium binary"
 
@@ -57,11 +59,7 @@ class HeadlessChromium:
     def __exit__(self, *exc_info):
         if getattr(self, "session", None) is not None:
             self.loop.run_until_complete(self.session.close())
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process, grace_seconds=10)
         self.loop.close()
         shutil.rmtree(self.profile, ignore_errors=True)
 

@@ -23,6 +23,16 @@ def free_port():
         return s.getsockname()[1]
 
 
+def stop_process(process, grace_seconds):
+    """Asks a child process to end, kills it if it has not within the grace time, and reaps it."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class PromptFailed(RuntimeError):
     pass
 
@@ -86,12 +96,7 @@ class ComfyServer:
     def stop(self):
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, grace_seconds=15)
 
     def log(self):
         with open(self.log_path, errors="replace") as f:
